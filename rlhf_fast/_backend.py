@@ -1,0 +1,200 @@
+"""Backend choice and argument validation shared by every public op.
+
+Backends:
+  "auto"      CUDA tensor -> the op's Triton or CUDA kernel; CPU tensor -> its C++ kernel
+              where one exists, else the reference.
+  "triton"    the Triton kernel (on CPU tensors only under TRITON_INTERPRET=1).
+  "cpp"       the compiled extension rlhf_fast._C (C++ on CPU, CUDA on GPU).
+  "reference" pure PyTorch (rlhf_fast.reference).
+The environment variable RLHF_FAST_BACKEND sets the default used for backend=None/"auto".
+Nothing here touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    triton: bool  # has a Triton kernel (CUDA tensors; CPU under TRITON_INTERPRET=1)
+    cpp: bool  # has a kernel in rlhf_fast._C (registered as rlhf_fast::<cpp_name>)
+    cpp_name: str | None = None
+
+
+OPS: dict[str, OpInfo] = {}
+
+
+def register_op(name: str, *, triton: bool = False, cpp: bool = False, cpp_name: str | None = None) -> OpInfo:
+    """Record which fast implementations a public op has (used by dispatch and `rlhf_fast.info`)."""
+    info = OpInfo(name, triton, cpp, cpp_name or name)
+    OPS[name] = info
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Extension and Triton availability (lazy, cached)
+
+_C_state: dict = {}
+
+
+def load_C():
+    """Import rlhf_fast._C once; returns the module or None (the error is kept for `info`)."""
+    if "module" not in _C_state:
+        try:
+            from rlhf_fast import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
+
+            _C_state["module"] = _C
+            _C_state["error"] = None
+        except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
+            _C_state["module"] = None
+            _C_state["error"] = f"{type(exc).__name__}: {exc}"
+    return _C_state["module"]
+
+
+def C_error() -> str | None:
+    load_C()
+    return _C_state["error"]
+
+
+def cpp_has_kernel(cpp_name: str, device_type: str) -> bool:
+    """Whether rlhf_fast._C registered a kernel for rlhf_fast::<cpp_name> on this device type."""
+    if load_C() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_fast::{cpp_name}", key)
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device_type: str) -> bool:
+    if not triton_importable():
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and triton_interpreting()
+
+
+def checks_enabled() -> bool:
+    """RLHF_FAST_CHECK=1 turns silent NaN outputs (bad labels) into errors (costs a host sync)."""
+    return os.environ.get("RLHF_FAST_CHECK", "0") == "1"
+
+
+def default_backend() -> str:
+    value = os.environ.get("RLHF_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"RLHF_FAST_BACKEND={value!r} is not one of {BACKENDS}")
+    return value
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """Pick the implementation for `op` on `device`: returns "triton", "cpp" or "reference".
+
+    An explicit backend that the op or the machine does not have raises, naming both;
+    "auto" never raises.
+    """
+    info = OPS[op]
+    requested = default_backend() if backend is None or backend == "auto" else backend
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
+    dev = device.type
+    if requested == "auto":
+        if dev == "cuda":
+            if info.triton and triton_usable(dev):
+                return "triton"
+            if info.cpp and cpp_has_kernel(info.cpp_name, dev):
+                return "cpp"
+            return "reference"
+        if info.cpp and cpp_has_kernel(info.cpp_name, dev):
+            return "cpp"
+        return "reference"
+    if requested == "reference":
+        return "reference"
+    if requested == "triton":
+        if not info.triton:
+            raise ValueError(f"{op}: has no Triton kernel (available: {available_backends(op)})")
+        if not triton_importable():
+            raise RuntimeError(f"{op}: backend='triton' but triton is not installed")
+        if not triton_usable(dev):
+            raise RuntimeError(
+                f"{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {dev}"
+            )
+        return "triton"
+    # requested == "cpp"
+    if not info.cpp:
+        raise ValueError(f"{op}: has no C++/CUDA kernel (available: {available_backends(op)})")
+    if load_C() is None:
+        raise RuntimeError(f"{op}: backend='cpp' but rlhf_fast._C failed to load ({C_error()})")
+    if not cpp_has_kernel(info.cpp_name, dev):
+        raise RuntimeError(f"{op}: rlhf_fast._C has no {dev} kernel for this op (built without CUDA?)")
+    return "cpp"
+
+
+def available_backends(op: str) -> list[str]:
+    info = OPS[op]
+    out = ["reference"]
+    if info.triton:
+        out.append("triton")
+    if info.cpp:
+        out.append("cpp")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers: every message names the argument.
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(name: str, t, *, dtypes=None, ndim=None, min_ndim=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} shape {tuple(b.shape)} does not match {name_a} shape {tuple(a.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """All given tensors (None skipped) on one device; returns it."""
+    device = None
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
+    return device
+
+
+def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Validate a [B, T] mask (bool/int/float) against `like` and return it as fp32."""
+    check_tensor(name, mask)
+    check_same_shape("the data", like, name, mask)
+    if mask.dtype == torch.float32:
+        return mask
+    return mask.to(torch.float32)

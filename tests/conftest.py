@@ -1,0 +1,40 @@
+"""Shared test setup.
+
+Without a GPU every Triton kernel runs under TRITON_INTERPRET=1 on CPU tensors; the variable
+must be set before triton is imported, hence here. Nothing touches CUDA at collection:
+torch.cuda.is_available() only asks the driver whether a device exists.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# On CPU the Triton interpreter is slow: tests keep sizes small there.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Per-dtype (atol, rtol) for values computed in fp32 from low-precision inputs vs the fp32 reference
+# on the same (already rounded) inputs.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
