@@ -1,0 +1,66 @@
+"""Loss aggregation over [B, T] per-token losses (verl's loss_agg_mode names).
+
+Every mode is linear in the per-token loss, so each is a weighted sum sum(w * L) with weights
+w [B, T] that depend on the mask alone. The fused PPO kernels use those weights to write the
+per-token gradient during the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast._backend import as_float_mask, check_tensor, register_op
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+register_op("aggregate")
+
+
+def check_agg(agg: str, horizon) -> None:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
+    if horizon is not None and agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
+    if horizon is not None and not (float(horizon) > 0):
+        raise ValueError(f"horizon must be > 0, got {horizon}")
+
+
+def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=None) -> torch.Tensor:
+    """Weights w [B, T] fp32 with aggregate(L, mask, agg) == (w * L).sum() for every L.
+
+    mask: [B, T] bool or float (1 = token counts). An empty mask gives all-zero weights
+    (so the loss is 0 with 0 gradient, never NaN). No host sync.
+    """
+    check_agg(agg, horizon)
+    check_tensor("mask", mask, ndim=2)
+    m = mask.to(torch.float32)
+    if agg == "token-mean":
+        return m / m.sum().clamp_min(1.0)
+    per_seq = m.sum(dim=-1, keepdim=True)  # [B, 1] counted tokens per sequence
+    n_seqs = (per_seq > 0).sum().to(torch.float32).clamp_min(1.0)  # sequences with a counted token
+    if agg == "seq-mean-token-sum":
+        return m / n_seqs
+    if agg == "seq-mean-token-mean":
+        return m / (per_seq.clamp_min(1.0) * n_seqs)
+    divisor = float(mask.shape[-1] if horizon is None else horizon)
+    return m / (n_seqs * divisor)
+
+
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *, horizon=None) -> torch.Tensor:
+    """Aggregate per-token losses into a scalar fp32 loss.
+
+    Args:
+        loss_mat: [B, T] per-token loss (any float dtype; math in fp32).
+        mask: [B, T] bool or float, 1 = token counts.
+        agg: "token-mean" (sum(L*m)/sum(m)), "seq-mean-token-sum" (mean over non-empty sequences
+            of sum_t L*m), "seq-mean-token-mean" (mean over non-empty sequences of the masked
+            token mean), "seq-mean-token-sum-norm" (seq-mean-token-sum / horizon).
+        horizon: divisor for "seq-mean-token-sum-norm"; default T (mask.shape[-1]).
+    Returns: 0-d fp32 tensor; an empty mask gives 0 (and 0 gradient).
+    Differentiable w.r.t. loss_mat.
+    """
+    check_tensor("loss_mat", loss_mat, ndim=2)
+    as_float_mask("mask", mask, loss_mat)
+    w = aggregation_weights(mask, agg, horizon=horizon)
+    # where(): a NaN/inf loss at an uncounted token must not leak through 0 * NaN.
+    return torch.where(w != 0, loss_mat.to(torch.float32) * w, 0.0).sum()
