@@ -86,10 +86,11 @@ def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index):
     logp = picked - lse
     logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
-    # H = -sum p log p; p = 0 where z = -inf contributes 0 (not 0 * -inf = NaN).
+    # H = -sum p log p; p = 0 where z = -inf contributes 0 (not 0 * -inf = NaN), in the forward
+    # (outer where) and the backward (inner where); an all -inf row has entropy 0.
     log_p = z - lse.unsqueeze(-1)
     p = log_p.exp()
-    ent = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    ent = -torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
     ent = torch.where(ignored, torch.zeros_like(ent), ent)
     return logp, ent
 
@@ -111,7 +112,7 @@ def entropy(logits, *, temperature=1.0):
     z = logits.to(_compute_dtype(logits)) / temperature
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return -torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
 
 
 def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1.0, ignore_index=-100):
@@ -380,8 +381,10 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="toke
     v_old = old_values.detach().to(dt)
     R = returns.detach().to(dt)
     v_clipped = torch.maximum(torch.minimum(v, v_old + clip_eps), v_old - clip_eps)
-    l1 = (v - R) ** 2
-    l2 = (v_clipped - R) ** 2
+    # Zero the residuals at uncounted tokens: an inf there would give inf * 0 = NaN in the backward.
+    counted = mask != 0
+    l1 = torch.where(counted, v - R, 0.0) ** 2
+    l2 = torch.where(counted, v_clipped - R, 0.0) ** 2
     loss = 0.5 * aggregate(torch.maximum(l1, l2), mask, agg, horizon=horizon)
     stats = {
         "vf_clipfrac": _masked_mean((l2 > l1).to(dt), mask).detach(),

@@ -415,3 +415,19 @@ def test_dpo_reference_free_and_from_logits():
     want, _, _ = R.dpo_loss(seq[:2], seq[2:], rc[:2], rr[:2], beta=0.2)
     assert loss.item() == pytest.approx(want.mean().item())
     assert stats["policy_rejected_logps"][0].item() == 0.0  # empty row
+
+
+def test_entropy_gradient_finite_with_masked_vocabulary():
+    x = torch.randn(3, 6, dtype=torch.float64)
+    x[0, 2] = -math.inf
+    x.requires_grad_()
+    lp, ent = R.logprobs(x, torch.tensor([0, 1, 2]), return_entropy=True)
+    (lp.sum() + ent.sum() + R.entropy(x).sum()).backward()
+    assert x.grad.isfinite().all() and x.grad[0, 2] == 0
+
+
+def test_value_loss_ignores_inf_at_uncounted_tokens():
+    v = torch.tensor([[1.0, math.inf]], requires_grad=True)
+    loss, _ = R.ppo_value_loss(v, torch.zeros(1, 2), torch.tensor([[0.0, math.nan]]), torch.tensor([[1, 0]]))
+    loss.backward()
+    assert loss.isfinite() and v.grad.isfinite().all() and v.grad[0, 1] == 0
