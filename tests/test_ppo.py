@@ -1,0 +1,477 @@
+"""ppo_policy_loss and ppo_value_loss: Triton kernels vs rlhf_fast.reference and a float64 loop oracle."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, TOL
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.ppo import _ppo_policy_op, _ppo_value_op, _scale_grad_op
+
+AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+# The interpreter runs kernels in numpy: exp() overflowing at uncounted tokens (on purpose) warns.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 oracle, one token at a time, straight from the formulas
+
+
+def oracle_weights(mask, agg, horizon=None):
+    """w[b][t] with loss = sum w L (the aggregation modes written out per token)."""
+    B, T = mask.shape
+    m = [[float(mask[b, t]) for t in range(T)] for b in range(B)]
+    per_seq = [sum(row) for row in m]
+    total = sum(per_seq)
+    n_seqs = max(sum(1 for c in per_seq if c > 0), 1)
+    h = T if horizon is None else horizon
+    w = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            if m[b][t] == 0.0:
+                continue
+            if agg == "token-mean":
+                w[b][t] = m[b][t] / max(total, 1.0)
+            elif agg == "seq-mean-token-sum":
+                w[b][t] = m[b][t] / n_seqs
+            elif agg == "seq-mean-token-mean":
+                w[b][t] = m[b][t] / (max(per_seq[b], 1.0) * n_seqs)
+            else:
+                w[b][t] = m[b][t] / (n_seqs * h)
+    return w, m
+
+
+def _masked_mean(values, m):
+    total = sum(mi for row in m for mi in row)
+    acc = sum(v * mi for vrow, mrow in zip(values, m) for v, mi in zip(vrow, mrow) if mi != 0.0)
+    return acc / max(total, 1.0)
+
+
+def oracle_policy(logp, old, adv, mask, eps_low, eps_high, dual_clip, agg, horizon=None):
+    """(loss, dloss/dlogp [B, T] float64, stats) in float64."""
+    B, T = logp.shape
+    w, m = oracle_weights(mask, agg, horizon)
+    loss, grad = 0.0, torch.zeros(B, T, dtype=torch.float64)
+    clipped = [[0.0] * T for _ in range(B)]
+    dual = [[0.0] * T for _ in range(B)]
+    kl = [[0.0] * T for _ in range(B)]
+    ratios = [[0.0] * T for _ in range(B)]
+    ratio_max = -math.inf
+    for b in range(B):
+        for t in range(T):
+            if m[b][t] == 0.0:
+                continue
+            lp, o, a = float(logp[b, t]), float(old[b, t]), float(adv[b, t])
+            r = math.exp(lp - o)
+            rc = min(max(r, 1.0 - eps_low), 1.0 + eps_high)
+            l_plain, l_clip = -a * r, -a * rc
+            L = max(l_plain, l_clip)
+            dL = 0.0 if l_clip > l_plain else -a * r
+            clipped[b][t] = float(l_clip > l_plain)
+            if dual_clip is not None and a < 0:
+                bound = -dual_clip * a
+                if L > bound:
+                    L, dL, dual[b][t] = bound, 0.0, 1.0
+            loss += w[b][t] * L
+            grad[b, t] = w[b][t] * dL
+            kl[b][t] = o - lp
+            ratios[b][t] = r
+            ratio_max = max(ratio_max, r)
+    stats = {
+        "clipfrac": _masked_mean(clipped, m),
+        "approx_kl": _masked_mean(kl, m),
+        "ratio_mean": _masked_mean(ratios, m),
+        "ratio_max": 0.0 if ratio_max == -math.inf else ratio_max,
+    }
+    if dual_clip is not None:
+        stats["dual_clipfrac"] = _masked_mean(dual, m)
+    return loss, grad, stats
+
+
+def oracle_value(values, old_values, returns, mask, eps, agg, horizon=None):
+    B, T = values.shape
+    w, m = oracle_weights(mask, agg, horizon)
+    loss, grad = 0.0, torch.zeros(B, T, dtype=torch.float64)
+    clipped = [[0.0] * T for _ in range(B)]
+    vs = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            if m[b][t] == 0.0:
+                continue
+            v, vo, R = float(values[b, t]), float(old_values[b, t]), float(returns[b, t])
+            vc = min(max(v, vo - eps), vo + eps)
+            sq, sq_c = (v - R) ** 2, (vc - R) ** 2
+            loss += w[b][t] * 0.5 * max(sq, sq_c)
+            grad[b, t] = w[b][t] * (0.0 if sq_c > sq else v - R)
+            clipped[b][t] = float(sq_c > sq)
+            vs[b][t] = v
+    return loss, grad, {"vf_clipfrac": _masked_mean(clipped, m), "vpred_mean": _masked_mean(vs, m)}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _policy_case(B, T, seed=0, dtype=torch.float32, mask_kind="bool", huge_masked=True):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g) * 2.0
+    old = logp + torch.randn(B, T, generator=g) * 0.3  # ratios spread across the clip range
+    adv = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0, 0] = True
+    if B > 1:
+        mask[1] = False  # an all-masked row
+    if B > 2:
+        mask[2, T // 2 :] = False  # right padding
+    if huge_masked:
+        # exp(logp - old) overflows to inf at uncounted tokens: must contribute exactly 0.
+        logp = torch.where(mask, logp, torch.tensor(80.0))
+        old = torch.where(mask, old, torch.tensor(-1e4))
+    if mask_kind == "float":
+        mask = mask.float() * (0.5 + torch.rand(B, T, generator=g))
+    elif mask_kind == "int":
+        mask = mask.to(torch.int32)
+    return logp.to(dtype).to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE)
+
+
+def _close(actual, expected, dtype=torch.float32):
+    atol, rtol = TOL[dtype]
+    if not isinstance(expected, torch.Tensor):
+        expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+
+
+def _run_policy(logp, old, adv, mask, go, backend, **kw):
+    x = logp.detach().clone().requires_grad_()
+    loss, stats = rlhf_fast.ppo_policy_loss(x, old, adv, mask, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, x, go)
+    return loss, stats, grad
+
+
+def _check_stats(stats, expected, dtype=torch.float32):
+    assert set(stats) == set(expected)
+    for name, value in stats.items():
+        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad, name
+        _close(value, expected[name], dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# policy loss
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize(
+    "clip", [{}, {"clip_eps": 0.1, "clip_eps_high": 0.28}, {"clip_eps": 0.2, "dual_clip": 3.0}], ids=str
+)
+def test_policy_loss_matches_reference_and_oracle(agg, clip):
+    logp, old, adv, mask = _policy_case(5, 29)
+    go = torch.tensor(1.7, device=DEVICE)
+    loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, **clip)
+    e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, **clip)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert torch.isfinite(grad).all() and (grad[~mask.bool()] == 0).all()
+    _close(loss, e_loss)
+    _close(grad, e_grad)
+    _check_stats(stats, e_stats)
+
+    eps_low = clip.get("clip_eps", 0.2)
+    eps_high = clip.get("clip_eps_high", eps_low)
+    o_loss, o_grad, o_stats = oracle_policy(
+        logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), eps_low, eps_high, clip.get("dual_clip"), agg
+    )
+    _close(loss, o_loss)
+    _close(grad, o_grad * 1.7)
+    _check_stats(stats, o_stats)
+
+
+@pytest.mark.parametrize("agg,horizon", [("seq-mean-token-sum-norm", 64.0), ("seq-mean-token-sum-norm", 7)])
+def test_policy_loss_horizon(agg, horizon):
+    logp, old, adv, mask = _policy_case(4, 13, seed=1)
+    go = torch.tensor(-0.6, device=DEVICE)
+    loss, _, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, horizon=horizon)
+    e_loss, _, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, horizon=horizon)
+    _close(loss, e_loss)
+    _close(grad, e_grad)
+    o_loss, o_grad, _ = oracle_policy(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), 0.2, 0.2, None, agg, horizon)
+    _close(loss, o_loss)
+    _close(grad, -0.6 * o_grad)
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "int"])
+def test_policy_loss_float_and_int_masks(mask_kind):
+    logp, old, adv, mask = _policy_case(4, 21, seed=2, mask_kind=mask_kind)
+    go = torch.tensor(0.9, device=DEVICE)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=2.5)
+        e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, dual_clip=2.5)
+        _close(loss, e_loss)
+        _close(grad, e_grad)
+        _check_stats(stats, e_stats)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_empty_mask_is_zero_not_nan(agg):
+    logp, old, adv, mask = _policy_case(3, 9, seed=4)
+    mask = torch.zeros_like(mask)
+    logp = torch.full_like(logp, 1e4)  # ratio = inf everywhere, none of it counted
+    go = torch.tensor(2.0, device=DEVICE)
+    loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+    assert loss.item() == 0.0
+    assert (grad == 0).all()
+    assert all(v.item() == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (7, 1), (2, 2100), (33, 3)])
+def test_policy_loss_awkward_shapes(B, T):
+    # T = 1 (several rows per program), T over the 2048-wide tile (several tiles per row).
+    logp, old, adv, mask = _policy_case(B, T, seed=5)
+    go = torch.tensor(1.3, device=DEVICE)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, clip_eps_high=0.3)
+        e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, clip_eps_high=0.3)
+        _close(loss, e_loss)
+        _close(grad, e_grad)
+        _check_stats(stats, e_stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_policy_loss_low_precision(dtype):
+    logp, old, adv, mask = _policy_case(4, 25, seed=6, dtype=dtype, huge_masked=False)
+    old, adv = old.to(dtype), adv.to(dtype)
+    go = torch.tensor(1.5, device=DEVICE)
+    loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", dual_clip=3.0)
+    assert grad.dtype == dtype
+    # fp32 reference on the same (upcast) values
+    e_loss, e_stats, e_grad = _run_policy(logp.float(), old.float(), adv.float(), mask, go, "reference", dual_clip=3.0)
+    _close(loss, e_loss)
+    _close(grad, e_grad, dtype)
+    _check_stats(stats, e_stats)
+
+
+def test_policy_loss_strided_inputs_and_grads_only_to_logprobs():
+    logp, old, adv, mask = _policy_case(6, 2 * 15, seed=7)
+    logp, old, mask = logp[:, ::2], old[:, ::2], mask[:, ::2]
+    adv = adv.t().contiguous().t()[:, ::2]  # column-major then strided
+    assert not logp.is_contiguous() and not adv.is_contiguous()
+    x = logp.clone().requires_grad_()
+    old_t, adv_t = old.clone().requires_grad_(), adv.clone().requires_grad_()
+    loss, _ = rlhf_fast.ppo_policy_loss(x, old_t, adv_t, mask, backend="triton", agg="seq-mean-token-sum")
+    g_x, g_old, g_adv = torch.autograd.grad(loss, (x, old_t, adv_t), allow_unused=True)
+    assert g_old is None and g_adv is None
+    e_loss, _, e_grad = _run_policy(logp, old, adv, mask, torch.tensor(1.0), "reference", agg="seq-mean-token-sum")
+    _close(loss, e_loss)
+    _close(g_x, e_grad)
+
+
+def test_policy_loss_no_grad_and_determinism():
+    logp, old, adv, mask = _policy_case(5, 40, seed=8)
+    with torch.no_grad():
+        loss, _stats = rlhf_fast.ppo_policy_loss(logp.requires_grad_(), old, adv, mask, backend="triton")
+    assert not loss.requires_grad
+    e_loss, _e_stats = reference.ppo_policy_loss(logp.detach(), old, adv, mask)
+    _close(loss, e_loss)
+    a = _run_policy(logp, old, adv, mask, torch.tensor(1.0), "triton", agg="seq-mean-token-mean")
+    b = _run_policy(logp, old, adv, mask, torch.tensor(1.0), "triton", agg="seq-mean-token-mean")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+def test_policy_loss_opcheck_and_compile():
+    logp, old, adv, mask = _policy_case(3, 11, seed=9)
+    x = logp.clone().requires_grad_()
+    opcheck = torch.library.opcheck
+    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.8, 1.2, None, "token-mean", 11.0, True))
+    opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.8, 1.28, 3.0, "seq-mean-token-mean", 11.0, True))
+    opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.8, 1.2, None, "seq-mean-token-sum-norm", 4.0, False))
+    g = torch.randn(3, 11, device=DEVICE)
+    opcheck(_scale_grad_op, (g, torch.rand(3, device=DEVICE), torch.tensor(1.5, device=DEVICE), torch.bfloat16))
+
+    def fn(a, b, c, d):
+        return rlhf_fast.ppo_policy_loss(a, b, c, d, clip_eps_high=0.28, dual_clip=3.0, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True)
+    loss, stats = compiled(x, old, adv, mask)
+    (grad,) = torch.autograd.grad(loss, x, torch.tensor(0.7, device=DEVICE))
+    e_loss, e_stats, e_grad = _run_policy(
+        logp, old, adv, mask, torch.tensor(0.7), "reference", clip_eps_high=0.28, dual_clip=3.0
+    )
+    _close(loss, e_loss)
+    _close(grad, e_grad)
+    _check_stats(stats, e_stats)
+
+
+def test_custom_ops_and_eager_path_agree_bitwise():
+    # Outside torch.compile the public functions use an autograd.Function twin of the custom ops.
+    logp, old, adv, mask = _policy_case(4, 19, seed=10)
+    go = torch.tensor(1.3, device=DEVICE)
+    x1, x2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    out, _, _ = _ppo_policy_op(x1, old, adv, mask, 1.0 - 0.2, 1.0 + 0.28, 3.0, "seq-mean-token-mean", 19.0, True)
+    (g1,) = torch.autograd.grad(out[0], x1, go)
+    loss, stats = rlhf_fast.ppo_policy_loss(
+        x2, old, adv, mask, clip_eps_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", backend="triton"
+    )
+    (g2,) = torch.autograd.grad(loss, x2, go)
+    assert torch.equal(out[0], loss) and torch.equal(g1, g2)
+    for i, name in enumerate(["clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max"]):
+        assert torch.equal(out[i + 1], stats[name]), name
+
+    values, old_values, returns, vmask = _value_case(4, 19, seed=10)
+    v1, v2 = values.clone().requires_grad_(), values.clone().requires_grad_()
+    out, _, _ = _ppo_value_op(v1, old_values, returns, vmask, 0.2, "token-mean", 19.0, True)
+    (g1,) = torch.autograd.grad(out[0], v1, go)
+    loss, stats = rlhf_fast.ppo_value_loss(v2, old_values, returns, vmask, backend="triton")
+    (g2,) = torch.autograd.grad(loss, v2, go)
+    assert torch.equal(out[0], loss) and torch.equal(g1, g2)
+    assert torch.equal(out[1], stats["vf_clipfrac"]) and torch.equal(out[2], stats["vpred_mean"])
+
+
+def test_policy_loss_bad_inputs():
+    logp, old, adv, mask = _policy_case(2, 5)
+
+    def call(**kw):
+        args = {"logprobs": logp, "old_logprobs": old, "advantages": adv, "mask": mask, "backend": "triton"}
+        args.update(kw)
+        a, b, c, d = (args.pop(k) for k in ("logprobs", "old_logprobs", "advantages", "mask"))
+        return rlhf_fast.ppo_policy_loss(a, b, c, d, **args)
+
+    with pytest.raises(ValueError, match="old_logprobs"):
+        call(old_logprobs=old[:, :4])
+    with pytest.raises(ValueError, match="advantages"):
+        call(advantages=adv[:1])
+    with pytest.raises(ValueError, match="mask"):
+        call(mask=mask[:, :3])
+    with pytest.raises(ValueError, match="logprobs"):
+        call(logprobs=logp[0], old_logprobs=old[0], advantages=adv[0], mask=mask[0])
+    with pytest.raises(ValueError, match="clip_eps"):
+        call(clip_eps=-0.1)
+    with pytest.raises(ValueError, match="clip_eps_high"):
+        call(clip_eps_high=float("nan"))
+    with pytest.raises(ValueError, match="dual_clip"):
+        call(dual_clip=1.0)
+    with pytest.raises(TypeError, match="dual_clip"):
+        call(dual_clip="3")
+    with pytest.raises(ValueError, match="agg"):
+        call(agg="sum")
+    with pytest.raises(ValueError, match="horizon"):
+        call(horizon=10)
+    with pytest.raises(ValueError, match="horizon"):
+        call(agg="seq-mean-token-sum-norm", horizon=0)
+    with pytest.raises(ValueError, match="logprobs"):
+        call(logprobs=logp.to(torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# value loss
+
+
+def _value_case(B, T, seed=0, dtype=torch.float32, mask_kind="bool"):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(B, T, generator=g)
+    old_values = values + torch.randn(B, T, generator=g) * 0.3
+    returns = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0, 0] = True
+    if B > 1:
+        mask[1] = False
+    if mask_kind == "float":
+        mask = mask.float() * (0.5 + torch.rand(B, T, generator=g))
+    return values.to(dtype).to(DEVICE), old_values.to(DEVICE), returns.to(DEVICE), mask.to(DEVICE)
+
+
+def _poison_uncounted(values, returns, mask):
+    """inf / NaN at uncounted tokens: the kernel must give the same result as on clean inputs.
+    (The reference's backward is not NaN-safe there for the value loss, so it gets clean inputs.)"""
+    counted = mask != 0
+    return (
+        torch.where(counted, values, torch.tensor(float("inf"), dtype=values.dtype, device=values.device)),
+        torch.where(counted, returns, torch.tensor(float("nan"), device=returns.device)),
+    )
+
+
+def _run_value(values, old_values, returns, mask, go, backend, **kw):
+    x = values.detach().clone().requires_grad_()
+    loss, stats = rlhf_fast.ppo_value_loss(x, old_values, returns, mask, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, x, go)
+    return loss, stats, grad
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clip_eps", [0.2, 0.05])
+def test_value_loss_matches_reference_and_oracle(agg, clip_eps):
+    values, old_values, returns, mask = _value_case(5, 27)
+    go = torch.tensor(-1.3, device=DEVICE)
+    dirty_values, dirty_returns = _poison_uncounted(values, returns, mask)
+    kw = {"clip_eps": clip_eps, "agg": agg}
+    loss, stats, grad = _run_value(dirty_values, old_values, dirty_returns, mask, go, "triton", **kw)
+    e_loss, e_stats, e_grad = _run_value(values, old_values, returns, mask, go, "reference", clip_eps=clip_eps, agg=agg)
+    assert torch.isfinite(grad).all()
+    _close(loss, e_loss)
+    _close(grad, e_grad)
+    _check_stats(stats, e_stats)
+    o_loss, o_grad, o_stats = oracle_value(values.cpu(), old_values.cpu(), returns.cpu(), mask.cpu(), clip_eps, agg)
+    _close(loss, o_loss)
+    _close(grad, -1.3 * o_grad)
+    _check_stats(stats, o_stats)
+
+
+def test_value_loss_float_mask_bf16_horizon_and_empty():
+    values, old_values, returns, mask = _value_case(4, 19, seed=2, dtype=torch.bfloat16, mask_kind="float")
+    go = torch.tensor(0.8, device=DEVICE)
+    kw = {"agg": "seq-mean-token-sum-norm", "horizon": 32}
+    dirty_values, dirty_returns = _poison_uncounted(values, returns, mask)
+    loss, stats, grad = _run_value(dirty_values, old_values, dirty_returns, mask, go, "triton", **kw)
+    assert grad.dtype == torch.bfloat16
+    e_loss, e_stats, e_grad = _run_value(values.float(), old_values, returns, mask, go, "reference", **kw)
+    _close(loss, e_loss)
+    _close(grad, e_grad, torch.bfloat16)
+    _check_stats(stats, e_stats)
+
+    empty = torch.zeros_like(mask)
+    loss, stats, grad = _run_value(values, old_values, returns, empty, go, "triton")
+    assert loss.item() == 0.0 and (grad == 0).all() and all(v.item() == 0.0 for v in stats.values())
+
+
+def test_value_loss_opcheck_compile_and_bad_inputs():
+    values, old_values, returns, mask = _value_case(3, 10, seed=3)
+    x = values.clone().requires_grad_()
+    torch.library.opcheck(_ppo_value_op, (x, old_values, returns, mask, 0.2, "token-mean", 10.0, True))
+    torch.library.opcheck(_ppo_value_op, (x, old_values, returns, mask, 0.1, "seq-mean-token-mean", 10.0, True))
+
+    compiled = torch.compile(lambda a, b, c, d: rlhf_fast.ppo_value_loss(a, b, c, d, backend="triton"), fullgraph=True)
+    loss, _ = compiled(x, old_values, returns, mask)
+    (grad,) = torch.autograd.grad(loss, x)
+    e_loss, _, e_grad = _run_value(values, old_values, returns, mask, torch.tensor(1.0), "reference")
+    _close(loss, e_loss)
+    _close(grad, e_grad)
+
+    with pytest.raises(ValueError, match="old_values"):
+        rlhf_fast.ppo_value_loss(values, old_values[:2], returns, mask, backend="triton")
+    with pytest.raises(ValueError, match="returns"):
+        rlhf_fast.ppo_value_loss(values, old_values, returns[:, :3], mask, backend="triton")
+    with pytest.raises(ValueError, match="mask"):
+        rlhf_fast.ppo_value_loss(values, old_values, returns, mask[:1], backend="triton")
+    with pytest.raises(ValueError, match="clip_eps"):
+        rlhf_fast.ppo_value_loss(values, old_values, returns, mask, clip_eps=-1.0, backend="triton")
+    with pytest.raises(ValueError, match="agg"):
+        rlhf_fast.ppo_value_loss(values, old_values, returns, mask, agg="mean", backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the benchmark size against the reference
+
+
+@pytest.mark.gpu
+def test_policy_loss_large_gpu():
+    logp, old, adv, mask = _policy_case(1024, 8192, seed=11)
+    go = torch.tensor(1.0, device=DEVICE)
+    for agg in AGGS:
+        loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+        e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, dual_clip=3.0)
+        torch.testing.assert_close(loss, e_loss, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad, e_grad, atol=1e-9, rtol=1e-4)
+        for k in e_stats:
+            torch.testing.assert_close(stats[k], e_stats[k], atol=1e-5, rtol=1e-4)
