@@ -101,7 +101,7 @@ def _logprobs_fwd_kernel(
         logp = tl.where(ignored, 0.0, logp)
         if HAS_WEIGHT:
             # A token with weight 0 contributes exactly 0 (even with a bad label).
-            logp = tl.where(w != 0.0, logp * w, 0.0)
+            logp = tl.where(w != 0.0, logp, 0.0) * w
         tl.store(logp_ptr + row, logp)
         tl.store(lse_ptr + row, tl.where(skip, 0.0, lse))
     else:

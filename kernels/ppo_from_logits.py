@@ -1,0 +1,463 @@
+"""Fused PPO / GRPO actor loss straight from logits: Triton kernels + launchers.
+
+Per token row n (x = z / tau in fp32 with tau the temperature, y the label, w_n the aggregation
+weight of the token):
+    lse   = logsumexp(x);  logp = x_y - lse;  H = -sum_j p_j log p_j
+    r     = exp(logp - old)                          (log-ratio taken as 0 where w_n == 0)
+    P     = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));  dual clip c, A < 0: min(P, -c A)
+    KL    = kl(logp, ref) (k1 | k2 | k3 | abs)       (only when a reference is given, kl_coef != 0)
+    L     = P + kl_coef KL - entropy_coef H;         loss = sum_n w_n L_n
+Every aggregation mode is linear in L (rlhf_fast.aggregation.aggregation_weights), so the kernel
+knows dloss/dlogp_n and dloss/dH_n during the forward and writes the logits gradient then:
+    grad_z_j = (a [j == y] - p_j (a - b (log p_j + H)))
+    a = w_n (dP/dlogp + kl_coef dKL/dlogp) / tau,  b = w_n entropy_coef / tau.
+
+Kernel plan: one program per token row (int64 offsets), two passes over the row:
+  pass 1: online max / sum-exp / sum e (x - m) (entropy) over BLOCK_V chunks -> lse, H, logp,
+          then the per-token scalars (ratio, clip branch, KL and their derivatives);
+  pass 2: re-read the row and write its gradient in the logits' dtype.
+Traffic: 2 reads + 1 write of the logits. The 1 read + 1 write floor (ANCHORS.md) needs the row
+to stay on chip between the passes -- e.g. an sm_90 CUDA kernel splitting a row over a
+thread-block cluster, holding its slice in registers / shared memory and exchanging the partial
+max / sums through distributed shared memory. That is out of scope here: a row of 128k bf16
+(256 KB) does not fit one SM, and L2 does not keep it between passes at full occupancy.
+Rows with weight 0 (masked or ignore_index tokens) are not read in pass 2 (their gradient row is
+written as zeros), and ignore_index rows are not read at all. When no gradient is wanted
+(grad_out=None: no_grad, logits not requiring grad) pass 2 is compiled out: 1 read in all.
+(In the kernels T is the sequence length: row n is token (n // T, n % T) of logits [B, T, V].)
+
+The scalar reduction into the loss and the stats runs in a second, single-program kernel over the
+per-token log-probs and entropies (deterministic: fixed order, no atomics), recomputing the cheap
+per-token policy terms with the same @triton.jit helper as the main kernel.
+
+`_scale_grad_kernel` folds the caller's grad_output g into the gradient in place during backward.
+Every program first loads g from its pointer and returns at once when g == 1, so the common
+`loss.backward()` moves no [N, V] bytes and never syncs with the host.
+
+Block size and warp count depend only on V and the dtype (never on the number of rows), so a
+token's results are bitwise the same whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# KL estimator codes (constexpr mode switch in the kernels).
+KL_NONE, KL_K1, KL_K2, KL_K3, KL_ABS = 0, 1, 2, 3, 4
+KL_CODES = {"k1": KL_K1, "k2": KL_K2, "k3": KL_K3, "abs": KL_ABS}
+
+# Layout of the stats vector written by the stats kernel.
+STAT_NAMES = ("policy_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max", "kl", "dual_clipfrac")
+N_STATS = len(STAT_NAMES)
+
+
+@triton.jit
+def _token_terms(
+    logp,
+    old,
+    adv,
+    ref,
+    counted,
+    clip_low,
+    clip_high,
+    dual_clip,
+    HAS_DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+):
+    """Per-token policy and KL terms and their derivatives w.r.t. logp (works on scalars or blocks).
+
+    Returns (P, dP/dlogp, ratio, clipped, dual_active, kl, dkl/dlogp). Gradient conventions match
+    autograd through the reference: the unclipped branch carries the gradient where
+    -A r >= -A clip(r) (inside the clip range both branches are equal and their halves add up).
+    """
+    # Uncounted tokens use log-ratio 0: exp() of a garbage old log-prob there must not give inf.
+    log_ratio = tl.where(counted, logp - old, 0.0)
+    ratio = tl.exp(log_ratio)
+    loss1 = -adv * ratio
+    loss2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped = loss2 > loss1
+    policy = tl.maximum(loss1, loss2)
+    d_policy = tl.where(loss1 >= loss2, loss1, 0.0)  # d(-A r)/dlogp = -A r
+    if HAS_DUAL:
+        loss3 = -adv * dual_clip
+        dual_active = (adv < 0.0) & (policy > loss3)
+        policy = tl.where(dual_active, loss3, policy)
+        d_policy = tl.where(dual_active, 0.0, d_policy)
+    else:
+        dual_active = tl.where(counted, False, False)
+    if KL_KIND == 0:
+        kl = tl.where(counted, 0.0, 0.0)
+        d_kl = kl
+    else:
+        # Uncounted tokens: logp := ref, so every estimator gives 0 (and never exp(huge)).
+        diff = tl.where(counted, logp - ref, 0.0)
+        if KL_KIND == 1:  # k1
+            kl = diff
+            d_kl = 1.0 + 0.0 * diff
+        elif KL_KIND == 2:  # k2
+            kl = 0.5 * diff * diff
+            d_kl = diff
+        elif KL_KIND == 3:  # k3
+            e = tl.exp(-diff)
+            kl = e + diff - 1.0
+            d_kl = 1.0 - e
+        else:  # abs
+            kl = tl.abs(diff)
+            d_kl = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+    return policy, d_policy, ratio, clipped, dual_active, kl, d_kl
+
+
+@triton.jit
+def _ppo_from_logits_fwd_kernel(
+    logits_ptr,
+    logits_stride_b,
+    logits_stride_t,
+    grad_ptr,
+    grad_stride_b,
+    grad_stride_t,
+    labels_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    weight_ptr,
+    logp_ptr,
+    entropy_ptr,
+    T,
+    V,
+    inv_temperature,
+    ignore_index,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    HAS_DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * logits_stride_b + t * logits_stride_t
+    out_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
+    cols = tl.arange(0, BLOCK_V)
+
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    w = tl.load(weight_ptr + row).to(tl.float32)
+    counted = w != 0.0
+
+    # ---- pass 1: running max m, s = sum e, t_acc = sum e (x - m) with e = exp(x - m) ----------
+    n_cols = tl.where(ignored, 0, V)  # ignore_index rows are not read
+    m = -float("inf")
+    s = 0.0
+    t_acc = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        valid = offs < n_cols
+        x = tl.load(row_ptr + offs, mask=valid, other=-float("inf"), eviction_policy="evict_last")
+        x = x.to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Everything so far -inf: shift by 0 instead of (-inf) - (-inf) = NaN (the sums are 0).
+        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = x - m_shift
+        e = tl.exp(d)
+        alpha = tl.exp(m - m_shift)
+        # Re-centre sum e (x - m) on the new max: alpha (t + s (m - m_new)); 0 while s == 0.
+        shift = tl.where(s > 0.0, m - m_shift, 0.0)
+        t_acc = alpha * (t_acc + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    ent = log_s - t_acc / s
+    # Clamped gather: a bad label never reads out of bounds; it gives NaN (and NaN gradient).
+    safe_label = tl.where(in_range, label, 0)
+    x_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
+    logp = tl.where(in_range, x_label - lse, float("nan"))
+    logp = tl.where(ignored, 0.0, logp)
+    ent = tl.where(ignored, 0.0, ent)
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, ent)
+
+    if WRITE_GRAD:
+        # ---- per-token scalars: dloss/dlogp and dloss/dH --------------------------------------
+        old = tl.load(old_ptr + row).to(tl.float32)
+        adv = tl.load(adv_ptr + row).to(tl.float32)
+        if KL_KIND != 0:
+            ref = tl.load(ref_ptr + row).to(tl.float32)
+        else:
+            ref = 0.0
+        _, d_policy, _, _, _, _, d_kl = _token_terms(
+            logp, old, adv, ref, counted, clip_low, clip_high, dual_clip, HAS_DUAL, KL_KIND
+        )
+        g_logp = d_policy + kl_coef * d_kl
+        a = tl.where(counted, w * g_logp * inv_temperature, 0.0)
+        bcoef = tl.where(counted, w * entropy_coef * inv_temperature, 0.0)
+        lse_k = tl.where(counted, lse, 0.0)
+        ent_k = tl.where(counted, ent, 0.0)
+
+        # ---- pass 2: gradient row (rows with weight 0 are not read, their gradient is 0) -----
+        n_read = tl.where(counted, V, 0)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            valid = offs < V
+            x = tl.load(row_ptr + offs, mask=offs < n_read, other=-float("inf"), eviction_policy="evict_first")
+            x = x.to(tl.float32) * inv_temperature
+            log_p = x - lse_k
+            p = tl.exp(log_p)
+            # p = 0 where x = -inf: its term is 0, not 0 * (-inf) = NaN.
+            soft = tl.where(x > -float("inf"), p * (a - bcoef * (log_p + ent_k)), 0.0)
+            grad = tl.where(offs == label, a, 0.0) - soft
+            tl.store(out_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _ppo_from_logits_stats_kernel(
+    logp_ptr,
+    entropy_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    weight_ptr,
+    mask_ptr,
+    loss_ptr,
+    stats_ptr,
+    N,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    HAS_DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: loss = sum w L and the masked-mean stats, in a fixed order (deterministic)."""
+    offs0 = tl.arange(0, BLOCK)
+    acc_loss = tl.zeros([BLOCK], tl.float32)
+    acc_policy = tl.zeros([BLOCK], tl.float32)
+    acc_m = tl.zeros([BLOCK], tl.float32)
+    acc_ent = tl.zeros([BLOCK], tl.float32)
+    acc_clip = tl.zeros([BLOCK], tl.float32)
+    acc_akl = tl.zeros([BLOCK], tl.float32)
+    acc_ratio = tl.zeros([BLOCK], tl.float32)
+    acc_kl = tl.zeros([BLOCK], tl.float32)
+    acc_dual = tl.zeros([BLOCK], tl.float32)
+    acc_rmax = tl.full([BLOCK], -float("inf"), tl.float32)
+    for start in range(0, N, BLOCK):
+        offs = start + offs0
+        valid = offs < N
+        logp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+        ent = tl.load(entropy_ptr + offs, mask=valid, other=0.0)
+        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + offs, mask=valid, other=0.0)
+        mk = tl.load(mask_ptr + offs, mask=valid, other=0.0)
+        if KL_KIND != 0:
+            ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        else:
+            ref = 0.0 * logp
+        counted = mk != 0.0
+        policy, _, ratio, clipped, dual_active, kl, _ = _token_terms(
+            logp, old, adv, ref, counted, clip_low, clip_high, dual_clip, HAS_DUAL, KL_KIND
+        )
+        total = policy + kl_coef * kl - entropy_coef * ent
+        # where(): NaN / inf at an uncounted token never leaks into a sum.
+        acc_loss += tl.where(w != 0.0, w * total, 0.0)
+        acc_policy += tl.where(w != 0.0, w * policy, 0.0)
+        acc_m += tl.where(counted, mk, 0.0)
+        acc_ent += tl.where(counted, mk * ent, 0.0)
+        acc_clip += tl.where(counted & clipped, mk, 0.0)
+        acc_akl += tl.where(counted, mk * (old - logp), 0.0)
+        acc_ratio += tl.where(counted, mk * ratio, 0.0)
+        acc_kl += tl.where(counted, mk * kl, 0.0)
+        acc_dual += tl.where(counted & dual_active, mk, 0.0)
+        acc_rmax = tl.maximum(acc_rmax, tl.where(counted, ratio, -float("inf")))
+    denom = tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+    rmax = tl.max(acc_rmax, axis=0)
+    tl.store(loss_ptr, tl.sum(acc_loss, axis=0))
+    tl.store(stats_ptr + 0, tl.sum(acc_policy, axis=0))
+    tl.store(stats_ptr + 1, tl.sum(acc_ent, axis=0) / denom)
+    tl.store(stats_ptr + 2, tl.sum(acc_clip, axis=0) / denom)
+    tl.store(stats_ptr + 3, tl.sum(acc_akl, axis=0) / denom)
+    tl.store(stats_ptr + 4, tl.sum(acc_ratio, axis=0) / denom)
+    tl.store(stats_ptr + 5, tl.where(rmax == -float("inf"), 0.0, rmax))
+    tl.store(stats_ptr + 6, tl.sum(acc_kl, axis=0) / denom)
+    tl.store(stats_ptr + 7, tl.sum(acc_dual, axis=0) / denom)
+
+
+@triton.jit
+def _scale_grad_kernel(grad_ptr, stride_b, stride_t, g_ptr, T, V, BLOCK_V: tl.constexpr):
+    """grad[row, :] *= g in place; returns before touching the row when g == 1."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        b = row // T
+        t = row - b * T
+        row_ptr = grad_ptr + b * stride_b + t * stride_t
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            valid = offs < V
+            x = tl.load(row_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            tl.store(row_ptr + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _row_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) from V and dtype only.
+
+    Big V: 8 KB of logits per chunk (4096 16-bit or 2048 fp32 values, 8 warps: 32 B per thread,
+    two 16 B vector loads), the shape ANCHORS.md's calibration kernel ran at 90-96% of copy
+    bandwidth. Compiled for sm_90 here: 61 registers at 4096 x bf16, no spills. Not yet timed on
+    an H100 in this project.
+    """
+    block = min(triton.next_power_of_2(max(V, 16)), 4096 if dtype != torch.float32 else 2048)
+    num_warps = 8 if block >= 2048 else (4 if block >= 512 else 2)
+    return block, num_warps
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(stride_b, stride_t) of a [B, T, V] tensor whose last stride is 1."""
+    return t.stride(0), t.stride(1)
+
+
+def ppo_from_logits_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    stat_mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    *,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    kl_kind: str,
+    entropy_coef: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the fused forward; writes the logits gradient into `grad_out`.
+
+    logits [B, T, V] (fp32/bf16/fp16, last stride 1, any B/T strides); labels [B, T] int;
+    old_logprobs, advantages, ref_logprobs (or None) [B, T] float; weights [B, T] fp32
+    aggregation weights (0 = token does not count); stat_mask [B, T] fp32 (mask values of counted
+    tokens, 0 elsewhere) for the masked-mean stats. grad_out [B, T, V] in the logits' dtype, last
+    stride 1 (may be `logits` itself: each element is read before it is overwritten, by the same
+    program), or None: no gradient, the second pass is skipped (1 read of the logits in all).
+    kl_kind is a canonical name (k1|k2|k3|abs), used only when ref_logprobs is given and
+    kl_coef != 0. Returns (loss 0-d fp32, logp [B, T] fp32, entropy [B, T] fp32,
+    stats [N_STATS] fp32 in STAT_NAMES order).
+    """
+    B, T, V = logits.shape
+    N = B * T
+    device = logits.device
+    write_grad = grad_out is not None
+    if logits.stride(-1) != 1 or (write_grad and grad_out.stride(-1) != 1):
+        raise ValueError("ppo_from_logits_fwd: logits and grad_out need last stride 1")
+    if not write_grad:
+        grad_out = logits  # dummy pointer, never written
+    labels_f = labels.reshape(N).contiguous()
+    old_f = old_logprobs.reshape(N).contiguous()
+    adv_f = advantages.reshape(N).contiguous()
+    w_f = weights.to(torch.float32).reshape(N).contiguous()
+    m_f = stat_mask.to(torch.float32).reshape(N).contiguous()
+    use_kl = ref_logprobs is not None and kl_coef != 0.0
+    kl_code = KL_CODES[kl_kind] if use_kl else KL_NONE
+    ref_f = ref_logprobs.reshape(N).contiguous() if use_kl else old_f  # dummy pointer when unused
+    has_dual = dual_clip is not None
+    dual = float(dual_clip) if has_dual else 0.0
+
+    logp = torch.empty(N, dtype=torch.float32, device=device)
+    ent = torch.empty(N, dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty(N_STATS, dtype=torch.float32, device=device)
+    if N == 0:
+        loss.zero_()
+        stats.zero_()
+        return loss, logp.view(B, T), ent.view(B, T), stats
+
+    block_v, num_warps = _row_config(V, logits.dtype)
+    lb, lt = _row_strides(logits)
+    gb, gt = _row_strides(grad_out)
+    _ppo_from_logits_fwd_kernel[(N,)](
+        logits,
+        lb,
+        lt,
+        grad_out,
+        gb,
+        gt,
+        labels_f,
+        old_f,
+        adv_f,
+        ref_f,
+        w_f,
+        logp,
+        ent,
+        T,
+        V,
+        1.0 / float(temperature),
+        int(ignore_index),
+        float(clip_low),
+        float(clip_high),
+        dual,
+        float(kl_coef),
+        float(entropy_coef),
+        HAS_DUAL=has_dual,
+        KL_KIND=kl_code,
+        WRITE_GRAD=write_grad,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    _ppo_from_logits_stats_kernel[(1,)](
+        logp,
+        ent,
+        old_f,
+        adv_f,
+        ref_f,
+        w_f,
+        m_f,
+        loss,
+        stats,
+        N,
+        float(clip_low),
+        float(clip_high),
+        dual,
+        float(kl_coef),
+        float(entropy_coef),
+        HAS_DUAL=has_dual,
+        KL_KIND=kl_code,
+        BLOCK=1024,
+        num_warps=8,
+    )
+    return loss, logp.view(B, T), ent.view(B, T), stats
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad [B, T, V] (last stride 1) *= grad_output (0-d tensor), in place, no host sync.
+
+    When grad_output == 1 every program returns after one scalar load: no [N, V] traffic.
+    """
+    B, T, V = grad.shape
+    N = B * T
+    if N == 0 or V == 0:
+        return
+    if grad.stride(-1) != 1:
+        raise ValueError("scale_grad_: grad needs last stride 1")
+    g = grad_output.reshape(1).to(device=grad.device, dtype=torch.float32).contiguous()
+    block_v, num_warps = _row_config(V, grad.dtype)
+    sb, st = _row_strides(grad)
+    _scale_grad_kernel[(N,)](grad, sb, st, g, T, V, BLOCK_V=block_v, num_warps=num_warps)
