@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rlhf_fast.logprobs as rf
+import rlhf_fast.token_logprobs as rf
 from rlhf_fast._backend import resolve
 
 HAS_CUDA = torch.cuda.is_available()

@@ -439,7 +439,7 @@ def dpo_loss_from_logits(
             gamma=gamma,
             discopop_tau=tau,
         )
-    from rlhf_fast.logprobs import sequence_logprobs
+    from rlhf_fast.token_logprobs import sequence_logprobs
 
     seq = sequence_logprobs(
         logits, labels, mask, average=average, temperature=temperature, ignore_index=ignore_index, backend=impl

@@ -30,7 +30,7 @@ from rlhf_fast._backend import (
     register_op,
     resolve,
 )
-from rlhf_fast.aggregate import check_agg
+from rlhf_fast.aggregation import check_agg
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import DEVICE, TOL
 
-import rlhf_fast.logprobs as lp_mod
+import rlhf_fast.token_logprobs as lp_mod
 from rlhf_fast import reference
 from rlhf_fast.kernels import logprobs as lp_kernels
-from rlhf_fast.logprobs import entropy, logprobs, sequence_logprobs
+from rlhf_fast.token_logprobs import entropy, logprobs, sequence_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKEND = "triton"

@@ -1,0 +1,115 @@
+"""Package-level behaviour: exports, backend choice, aggregation, import hygiene, info."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import _backend, reference
+from rlhf_fast.aggregation import AGG_MODES, aggregate, aggregation_weights
+
+
+def test_every_contract_name_is_exported_and_documented():
+    for name in rlhf_fast._EXPORTS:
+        obj = getattr(rlhf_fast, name)
+        assert callable(obj), name
+        assert obj.__doc__ and len(obj.__doc__) > 40, f"{name} needs a docstring with shapes and defaults"
+    for name in reference.__all__:
+        assert hasattr(reference, name)
+    with pytest.raises(AttributeError):
+        rlhf_fast.no_such_op  # noqa: B018
+
+
+def test_import_touches_neither_cuda_nor_triton():
+    code = (
+        "import sys, torch, rlhf_fast; "
+        "assert 'triton' not in sys.modules, 'triton imported at package import'; "
+        "assert not torch.cuda.is_initialized(); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_resolve_auto_and_explicit(monkeypatch):
+    cpu = torch.device("cpu")
+    assert _backend.resolve("aggregate", None, cpu) == "reference"
+    assert _backend.resolve("aggregate", "reference", cpu) == "reference"
+    with pytest.raises(ValueError, match="aggregate: has no Triton kernel"):
+        _backend.resolve("aggregate", "triton", cpu)
+    with pytest.raises(ValueError, match="has no C\\+\\+/CUDA kernel"):
+        _backend.resolve("aggregate", "cpp", cpu)
+    with pytest.raises(ValueError, match="backend='fast' is not one of"):
+        _backend.resolve("aggregate", "fast", cpu)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "reference")
+    assert _backend.default_backend() == "reference"
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="RLHF_FAST_BACKEND"):
+        _backend.default_backend()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    rlhf_fast.logprobs  # noqa: B018  (registers the op)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        _backend.resolve("logprobs", "triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.resolve("logprobs", "triton", torch.device("cpu")) == "triton"
+
+
+def test_env_default_backend_reaches_the_ops(monkeypatch):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "reference")
+    r, v = torch.randn(2, 5), torch.randn(2, 5)
+    m = torch.ones(2, 5)
+    adv, ret = rlhf_fast.gae(r, v, m, gamma=0.9, lam=0.95)
+    want, _ = reference.gae(r, v, m, gamma=0.9, lam=0.95)
+    assert torch.allclose(adv, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_aggregate_weights_reproduce_reference(agg):
+    L = torch.randn(5, 7, dtype=torch.float64)
+    m = torch.randint(0, 2, (5, 7)).bool()
+    m[3] = False
+    w = aggregation_weights(m, agg)
+    want = reference.aggregate(L, m, agg)
+    assert torch.allclose((w * L).sum(), want.to(torch.float32).double(), atol=1e-6)
+    assert torch.allclose(aggregate(L, m, agg).double(), want, atol=1e-6)
+    Lg = L.float().requires_grad_()
+    aggregate(Lg, m, agg).backward()
+    assert torch.allclose(Lg.grad, w)
+    assert aggregate(L, torch.zeros(5, 7), agg).item() == 0.0
+
+
+def test_aggregate_rejects_bad_arguments():
+    L, m = torch.randn(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="agg='mean'"):
+        aggregate(L, m, "mean")
+    with pytest.raises(ValueError, match="horizon"):
+        aggregate(L, m, "token-mean", horizon=10)
+    with pytest.raises(ValueError, match="mask shape"):
+        aggregate(L, torch.ones(2, 4))
+
+
+def test_linear_logprobs_reference_and_errors():
+    h, w = torch.randn(3, 4, 8), torch.randn(21, 8)
+    y = torch.randint(0, 21, (3, 4))
+    assert torch.allclose(rlhf_fast.linear_logprobs(h, w, y), reference.logprobs(h @ w.T, y), atol=1e-5)
+    with pytest.raises(ValueError, match="weight shape"):
+        rlhf_fast.linear_logprobs(h, torch.randn(21, 9), y)
+    with pytest.raises(ValueError, match="labels shape"):
+        rlhf_fast.linear_logprobs(h, w, y[:, :2])
+
+
+def test_info_runs_and_reports_every_op(capsys):
+    from rlhf_fast import info
+
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "extension rlhf_fast._C" in out
+    for name in ("gae", "logprobs", "ppo_loss_from_logits", "dpo_loss"):
+        assert name in out
+    data = info.collect()
+    assert data["ops"]["gae"]["cpu"] == "cpp"  # the C++ kernel is what CPU tensors get
