@@ -1,0 +1,180 @@
+"""The benchmark report (`python -m rlhf_fast.bench`), run in-process on CPU with tiny cases.
+
+Checks that it prints the table, writes the JSON and Markdown files, fills the check column, and
+that a wrong implementation (injected through bench.FAST_OVERRIDES) is flagged FAIL with a
+non-zero exit status. matplotlib and tqdm are hidden so the fallbacks run whatever is installed.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import INTERPRETED
+
+from rlhf_fast import _bench_cases, bench
+from rlhf_fast import reference as ref
+from rlhf_fast._bench_cases import Case
+
+TINY = [
+    Case("logprobs", (32, 512), torch.float32, "fwd"),
+    Case("logprobs", (32, 512), torch.float32, "fwd+bwd"),
+    Case("logprobs+entropy", (32, 512), torch.float32, "fwd+bwd"),
+]
+
+
+@pytest.fixture
+def tiny_cases(monkeypatch):
+    """Replace the CPU case list by a few small log-prob cases (fast, and the op exists)."""
+    monkeypatch.setattr(
+        _bench_cases, "cpu_cases", lambda dtype, quick: [Case(c.op, c.shape, dtype, c.mode) for c in TINY]
+    )
+    # Optional packages hidden: the plain stderr counter and the "plots skipped" notice run.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def _run(tmp_path, *extra):
+    return bench.main(
+        [
+            "--quick",
+            "--ops",
+            "logprobs",
+            "--out",
+            str(tmp_path),
+            "--no-compile",
+            "--device",
+            "cpu",
+            "--reps",
+            "2",
+            "--threads",
+            "1",
+            *extra,
+        ]
+    )
+
+
+def _report(tmp_path):
+    files = sorted(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".md").exists()
+    return json.loads(files[0].read_text())
+
+
+def test_quick_run_prints_table_and_writes_files(tmp_path, capsys, tiny_cases):
+    rc = _run(tmp_path)
+    out, err = capsys.readouterr()
+    assert rc == 0, out
+    assert "| op" in out and "max err" in out and "rlhf_fast ms" in out
+    assert "copy bandwidth" in out
+    assert "plots skipped: matplotlib is not installed" in out
+    assert "[1/3]" in err  # progress fallback
+    data = _report(tmp_path)
+    assert data["failures"] == 0
+    assert data["copy_bandwidth_GBps"] > 0
+    assert len(data["cases"]) == 3
+    for case in data["cases"]:
+        assert case["check"]["status"] == "ok"
+        assert case["check"]["max_abs_err"] is not None
+        names = {t["name"] for t in case["check"]["tensors"]}
+        assert "logp" in names
+        if case["mode"] == "fwd+bwd":
+            assert "grad logits" in names  # gradients are checked too
+        if INTERPRETED:  # the Triton kernel itself, under the interpreter, on a slice
+            assert case["kernel_check"]["status"] == "ok", case["kernel_check"]
+        assert case["peers"]["rlhf_fast"]["status"] == "ok"
+        assert case["peers"]["eager"]["ms"] > 0
+        assert case["peers"]["compile"]["status"] == "skipped"
+        assert case["floor_ms"] > 0
+    md = next(tmp_path.glob("cpu-*.md")).read_text()
+    assert "| logprobs" in md
+
+
+def test_wrong_gradient_is_flagged(tmp_path, capsys, tiny_cases, monkeypatch):
+    def wrong(logits, labels, *, return_entropy=False, **kwargs):
+        # Right forward values, gradient off by 0.5 on every logit.
+        out = ref.logprobs(logits, labels, return_entropy=return_entropy)
+        bump = 0.5 * (logits - logits.detach()).float().sum(-1)
+        return (out[0] + bump, out[1]) if return_entropy else out + bump
+
+    monkeypatch.setitem(bench.FAST_OVERRIDES, "logprobs", wrong)
+    rc = _run(tmp_path)
+    out, _ = capsys.readouterr()
+    assert rc == 1
+    assert "FAIL" in out
+    data = _report(tmp_path)
+    status = {(c["op"], c["mode"]): c["check"]["status"] for c in data["cases"]}
+    assert status[("logprobs", "fwd")] == "ok"  # the forward is right
+    assert status[("logprobs", "fwd+bwd")] == "fail"
+    assert status[("logprobs+entropy", "fwd+bwd")] == "fail"
+    assert data["failures"] == 2
+
+
+def test_raising_implementation_fails_the_run(tmp_path, capsys, tiny_cases, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setitem(bench.FAST_OVERRIDES, "logprobs", broken)
+    rc = _run(tmp_path)
+    out, _ = capsys.readouterr()
+    assert rc == 1
+    assert "ERROR" in out and "kernel launch failed" in out
+
+
+def test_missing_op_is_unavailable_not_a_failure(tmp_path, capsys, tiny_cases, monkeypatch):
+    spec = _bench_cases.SPECS["logprobs"]
+    import dataclasses
+
+    monkeypatch.setitem(_bench_cases.SPECS, "logprobs", dataclasses.replace(spec, api="not_written_yet"))
+    rc = _run(tmp_path)
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    assert "unavailable" in out
+    data = _report(tmp_path)
+    row = next(c for c in data["cases"] if c["op"] == "logprobs")
+    assert row["peers"]["rlhf_fast"]["status"] == "unavailable"
+    assert row["check"]["status"] == "not run"
+    assert row["peers"]["eager"]["status"] == "ok"  # the peers still run
+
+
+def test_compare_flags_nan_and_tolerance():
+    want = torch.tensor([1.0, -2.0, 3.0])
+    assert bench.compare("x", want.clone(), want, torch.float32)["ok"]
+    assert not bench.compare("x", want + 1e-3, want, torch.float32)["ok"]
+    assert bench.compare("x", want + 1e-3, want, torch.bfloat16)["ok"]
+    assert not bench.compare("x", torch.tensor([1.0, float("nan"), 3.0]), want, torch.float32)["ok"]
+    assert not bench.compare("x", want[:2], want, torch.float32)["ok"]
+    inf = torch.tensor([float("-inf"), 0.5])
+    assert bench.compare("x", inf.clone(), inf, torch.float32)["ok"]
+
+
+def test_cli_rejects_unknown_op():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ops", "no_such_op"])
+
+
+def test_case_lists_cover_every_op():
+    ops = {s.key for s in _bench_cases.SPECS.values()}
+    for quick in (True, False):
+        assert {c.op for c in _bench_cases.cpu_cases(torch.float32, quick)} == ops
+        assert {c.op for c in _bench_cases.gpu_cases(torch.bfloat16, quick)} == ops
+
+
+@pytest.mark.parametrize(
+    "op", ["logprobs", "logprobs+entropy", "ppo_from_logits", "dpo_from_logits", "linear_logprobs"]
+)
+def test_check_on_a_subset(op):
+    """At GPU sizes the check runs on a slice of the inputs: the slice must be a valid input."""
+    spec = _bench_cases.SPECS[op]
+    shape = {"ppo_from_logits": (2, 16, 64), "dpo_from_logits": (4, 16, 64), "linear_logprobs": (16, 8, 64)}.get(
+        op, (16, 64)
+    )
+    case = Case(op, shape, torch.float32, "fwd+bwd")
+    inputs = spec.make_inputs(shape, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    sub, note = spec.subset(inputs, 256)
+    assert note
+    big = "hidden" if op == "linear_logprobs" else "logits"
+    assert sub[big].numel() < inputs[big].numel()
+    fn = getattr(ref, spec.api)
+    result = bench.run_check(spec, case, inputs, fn, fn)
+    assert result.status == "ok", result.note
