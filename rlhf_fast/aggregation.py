@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast._backend import as_float_mask, check_tensor, register_op
+from rlhf_fast._backend import as_float_mask, check_same_device, check_tensor, register_op, resolve
+from rlhf_fast.reference import AGG_MODES, check_agg
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+__all__ = ["AGG_MODES", "aggregate", "aggregation_weights", "check_agg"]
 
 register_op("aggregate")
-
-
-def check_agg(agg: str, horizon) -> None:
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
-    if horizon is not None and agg != "seq-mean-token-sum-norm":
-        raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
-    if horizon is not None and not (float(horizon) > 0):
-        raise ValueError(f"horizon must be > 0, got {horizon}")
 
 
 def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=None) -> torch.Tensor:
@@ -46,7 +38,9 @@ def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=
     return m / (n_seqs * divisor)
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *, horizon=None) -> torch.Tensor:
+def aggregate(
+    loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *, horizon=None, backend: str | None = None
+) -> torch.Tensor:
     """Aggregate per-token losses into a scalar fp32 loss.
 
     Args:
@@ -56,11 +50,15 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean
             of sum_t L*m), "seq-mean-token-mean" (mean over non-empty sequences of the masked
             token mean), "seq-mean-token-sum-norm" (seq-mean-token-sum / horizon).
         horizon: divisor for "seq-mean-token-sum-norm"; default T (mask.shape[-1]).
+        backend: only "reference" exists (a weighted sum; the fused losses fold these weights
+            into their own kernels).
     Returns: 0-d fp32 tensor; an empty mask gives 0 (and 0 gradient).
     Differentiable w.r.t. loss_mat.
     """
     check_tensor("loss_mat", loss_mat, ndim=2)
     as_float_mask("mask", mask, loss_mat)
+    check_same_device(loss_mat=loss_mat, mask=mask)
+    resolve("aggregate", backend, loss_mat.device)
     w = aggregation_weights(mask, agg, horizon=horizon)
     # where(): a NaN/inf loss at an uncounted token must not leak through 0 * NaN.
     return torch.where(w != 0, loss_mat.to(torch.float32) * w, 0.0).sum()

@@ -280,6 +280,16 @@ def group_advantages(scores, group_size, *, method="grpo", eps=1e-6):
 # Aggregation and PPO
 
 
+def check_agg(agg, horizon=None):
+    """Validate an aggregation mode and its horizon (used by the reference and the kernels alike)."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
+    if horizon is not None and agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
+    if horizon is not None and not (isinstance(horizon, (int, float)) and horizon > 0):
+        raise ValueError(f"horizon must be a number > 0, got {horizon!r}")
+
+
 def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     """verl `agg_loss` modes, with the seq-* modes averaging over sequences that have at least one
     counted token; empty mask -> 0.
@@ -288,8 +298,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     seq-mean-token-mean: mean_b (sum_t L m / sum_t m); seq-mean-token-sum-norm:
     seq-mean-token-sum / horizon (default T).
     """
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
+    check_agg(agg, horizon)
     dt = _compute_dtype(loss_mat)
     m = mask.to(dt)
     Lm = torch.where(m != 0, loss_mat.to(dt) * m, 0.0)
