@@ -53,6 +53,16 @@ def load_C():
 
             _C_state["module"] = _C
             _C_state["error"] = None
+            # Which rlhf_fast ops have a kernel per dispatch key, read once: a plain set lookup
+            # afterwards, which torch.compile can trace (the dispatcher query itself it cannot).
+            _C_state["kernels"] = {
+                key: frozenset(
+                    name.split("::", 1)[1]
+                    for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+                    if name.startswith("rlhf_fast::")
+                )
+                for key in ("CPU", "CUDA")
+            }
         except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
             _C_state["module"] = None
             _C_state["error"] = f"{type(exc).__name__}: {exc}"
@@ -71,7 +81,7 @@ def cpp_has_kernel(cpp_name: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_fast::{cpp_name}", key)
+    return cpp_name in _C_state["kernels"][key]
 
 
 def triton_importable() -> bool:
