@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU owes, in as few device calls as possible.
+# Run on the device machine from the repository root (the `device` tool runs commands there);
+# results land in $OUT (or ./gpu_out when OUT is unset), ready to copy into bench/RESULTS.md.
+#
+#   bash bench/gpu_session.sh build   # wheel for sm_80 + sm_90, cuobjdump, install away from the tree,
+#                                     # the whole test suite on CUDA against the installed wheel (~6-8 min)
+#   bash bench/gpu_session.sh bench   # python -m rlhf_fast.bench at the ANCHORS.md sizes + the
+#                                     # pytest-benchmark suites (~8-10 min)
+#
+# Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
+# (see the device tool's README: `pip download --no-deps --only-binary=:all: --python-version 3.12
+# ... -d .whl liger-kernel cut-cross-entropy`, carry ".whl"); they are installed when present.
+set -uo pipefail
+stage=${1:-build}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+site=/tmp/rlhf_site
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/*.whl && export PYTHONPATH=/tmp/peers
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; date -u +%F;
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/device.txt"
+
+build_and_test() {
+  rm -rf /tmp/dist "$site" /tmp/rlhf_tests
+  local t0=$SECONDS
+  TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=16 python3 -m pip wheel -q --no-build-isolation --no-deps . -w /tmp/dist \
+    2>&1 | tail -20 | tee "$OUT/build.log"
+  echo "wheel build: $((SECONDS - t0)) s" | tee -a "$OUT/build.log"
+  ls -la /tmp/dist | tee -a "$OUT/build.log"
+  python3 -m pip install -q --no-deps --no-compile --target "$site" /tmp/dist/*.whl || return 1
+  cuobjdump --list-elf "$site"/rlhf_fast/_C*.so | tee "$OUT/cuobjdump.txt"
+  # The suite runs from a directory away from the source tree, against the installed wheel.
+  mkdir -p /tmp/rlhf_tests && cp -r tests examples /tmp/rlhf_tests/
+  (cd /tmp/rlhf_tests && PYTHONPATH="$site:${PYTHONPATH:-}" python3 -m rlhf_fast.info && \
+   PYTHONPATH="$site:${PYTHONPATH:-}" python3 -m pytest tests -q -p no:cacheprovider -x --durations=15 2>&1) \
+    | tee "$OUT/tests.log" | tail -40
+}
+
+bench() {
+  # Editable-free: use the wheel built by the build stage if it is still there, else build in place.
+  if [ ! -d "$site/rlhf_fast" ]; then
+    TORCH_CUDA_ARCH_LIST="9.0" python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . || return 1
+  fi
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
+  (cd /tmp && python3 -m rlhf_fast.bench --out "$OUT" 2>&1) | tee "$OUT/bench.log" | tail -60
+  # From a copy away from the source tree, so the installed package (with its _C) is the one imported.
+  rm -rf /tmp/rlhf_bench && mkdir -p /tmp/rlhf_bench && cp -r bench /tmp/rlhf_bench/
+  (cd /tmp/rlhf_bench && python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT/pytest-benchmark.json" --benchmark-columns=min,median,max --benchmark-sort=name 2>&1) \
+    | tee "$OUT/pytest-bench.log" | tail -60
+}
+
+case "$stage" in
+  build) build_and_test ;;
+  bench) bench ;;
+  all) build_and_test && bench ;;
+  *) echo "usage: $0 build|bench|all" >&2; exit 2 ;;
+esac
