@@ -140,6 +140,10 @@ setup(
     extras_require={
         "examples": ["transformers"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # python -m rlhf_fast.bench: plots and a progress bar (it runs without them too)
+        "bench": ["matplotlib", "tqdm"],
+        # peers compared against on GPU machines (imported only when present)
+        "peers": ["liger-kernel", "cut-cross-entropy"],
     },
     zip_safe=False,
 )
