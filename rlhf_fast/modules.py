@@ -11,7 +11,8 @@ class PPOLoss(nn.Module):
 
     Hyper-parameters (defaults as the functional op): clip_eps=0.2, clip_eps_high=None (=clip_eps),
     dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, agg="token-mean", horizon=None,
-    temperature=1.0, ignore_index=-100, backend=None.
+    temperature=1.0, ignore_index=-100, inplace_backward=False (the gradient overwrites the
+    logits' storage), backend=None.
 
     forward(logits [B, T, V], labels [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
     ref_logprobs [B, T] | None) -> (loss 0-d fp32, stats dict).
@@ -29,10 +30,12 @@ class PPOLoss(nn.Module):
         horizon: int | None = None,
         temperature: float = 1.0,
         ignore_index: int = -100,
+        inplace_backward: bool = False,
         backend: str | None = None,
     ):
         super().__init__()
         self.kwargs = dict(
+            inplace_backward=inplace_backward,
             clip_eps=clip_eps,
             clip_eps_high=clip_eps_high,
             dual_clip=dual_clip,
