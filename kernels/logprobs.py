@@ -15,9 +15,16 @@ per-row lse (and H) saved by the forward.
 Tokens that do not count (ignore_index; weight 0 in the forward; zero upstream gradient in the
 backward) skip the read of their row: padding costs only the gradient write of zeros.
 
-The block size and warp count depend only on V and the dtype, never on the number of rows, so a
-row's result is bitwise the same whatever batch it is computed in. Offsets are int64.
-Launchers take 2-D row-major-in-the-last-dim views [N, V] (last stride 1, any row stride).
+The online max / sum-exp / entropy loop and the safe lse / entropy finalisation are the shared
+helpers of `_rows` (also used by the fused PPO kernel); so is the launch config `row_config`:
+block size and warp count depend only on V and the dtype, never on the number of rows, so a row's
+result is bitwise the same whatever batch it is computed in. Offsets are int64.
+
+Layout: launchers take [B, T, V] tensors with last stride 1 and ANY stride_b / stride_t, so the
+shifted slice `logits[:, :-1]` of a [B, T+1, V] tensor (whose leading dims do not flatten to one
+row stride) is read in place; row n of the launch grid is token (n // T, n % T). `as_rows3d`
+makes that [B, T, V] view of any [..., V] tensor, copying only layouts that still cannot be
+expressed (last stride != 1, or > 2 leading dims that do not flatten to two).
 """
 
 from __future__ import annotations
@@ -26,16 +33,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import row_config, row_lse_entropy, row_online_stats
+
 
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
-    logits_row_stride,
+    logits_stride_b,
+    logits_stride_t,
     labels_ptr,
     weight_ptr,
     logp_ptr,
     entropy_ptr,
     lse_ptr,
+    T,
     V,
     inv_temperature,
     ignore_index,
@@ -45,8 +56,8 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    cols = tl.arange(0, BLOCK_V)
+    b = row // T
+    row_ptr = logits_ptr + b * logits_stride_b + (row - b * T) * logits_stride_t
 
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -62,35 +73,10 @@ def _logprobs_fwd_kernel(
     else:
         n_cols = V
 
-    # Running max m, sum of e = exp(x - m), and (entropy) sum of e * (x - m), all fp32 scalars.
-    m = -float("inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        valid = offs < n_cols
-        x = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A running max of -inf (everything so far masked) would give (-inf) - (-inf) = NaN:
-        # shift by 0 instead; the sums are 0 in that case so nothing else changes.
-        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = x - m_shift
-        e = tl.exp(d)
-        alpha = tl.exp(m - m_shift)
-        if WITH_ENTROPY:
-            # Re-centre the old sum of e*(x - m) on the new max: e*alpha*(x - m_new) summed is
-            # alpha * (t + s * (m - m_new)). When s == 0 (m = -inf) the correction is 0.
-            shift = tl.where(s > 0.0, m - m_shift, 0.0)
-            # Where e == 0 (x = -inf) the term is 0, not 0 * -inf = NaN.
-            t = alpha * (t + s * shift) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
-
-    # s == 0 only for a row with nothing to read (ignored) or only -inf (then m = -inf and lse
-    # stays -inf); log(1) there keeps 0/0 and log(0) out of the arithmetic.
-    s_safe = tl.where(s > 0.0, s, 1.0)
-    log_s = tl.log(s_safe)
-    lse = m + log_s
+    # One pass: running max m, s = sum exp(x - m), t = sum exp(x - m) (x - m) (entropy only).
+    m, s, t = row_online_stats(row_ptr, n_cols, inv_temperature, WITH_ENTROPY, BLOCK_V)
+    # lse = -inf and entropy 0 where nothing was read (ignored) or the row is all -inf.
+    lse, ent = row_lse_entropy(m, s, t)
 
     if HAS_LABELS:
         # Clamped gather: a bad label never reads out of bounds.
@@ -108,8 +94,7 @@ def _logprobs_fwd_kernel(
         tl.store(lse_ptr + row, lse)
 
     if WITH_ENTROPY:
-        # A row of only -inf has no distribution: entropy 0 (as the reference's p > 0 guard gives).
-        ent = tl.where(s > 0.0, log_s - t / s_safe, 0.0)
+        # (A row of only -inf has no distribution: entropy 0, as the reference's p > 0 guard gives.)
         if HAS_LABELS:
             ent = tl.where(ignored, 0.0, ent)
         tl.store(entropy_ptr + row, ent)
@@ -118,14 +103,17 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,
-    logits_row_stride,
+    logits_stride_b,
+    logits_stride_t,
     grad_ptr,
-    grad_row_stride,
+    grad_stride_b,
+    grad_stride_t,
     labels_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
     lse_ptr,
     entropy_ptr,
+    T,
     V,
     inv_temperature,
     ignore_index,
@@ -134,8 +122,10 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    out_ptr = grad_ptr + row * grad_row_stride
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * logits_stride_b + t * logits_stride_t
+    out_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
     cols = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     # A row of only -inf: every p is taken as 0 instead of exp(-inf - (-inf)) = NaN.
@@ -187,34 +177,35 @@ def _logprobs_bwd_kernel(
         tl.store(out_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _block_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) from V and dtype only (never N: batch invariance).
+def as_rows3d(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> a [B, T, V] tensor with last stride 1 (any stride_b / stride_t) over the same
+    elements, in the same row order.
 
-    H100: 2048-wide chunks with 8 warps stream a row at ~90-96% of copy bandwidth (ANCHORS.md);
-    that is 8 elements (16 B for bf16) per thread per load. Short rows take one chunk.
+    A view (no copy) for: 3-D tensors with last stride 1 (contiguous, `x[..., :V]` of a wider
+    tensor, the shifted slice `x[:, :-1]`, transposed leading dims), 1-D / 2-D tensors, and more
+    leading dims that flatten to one or two strides. A contiguous copy only for the rest (last
+    stride != 1, or > 2 leading dims that do not flatten to two).
     """
-    block = min(triton.next_power_of_2(max(V, 1)), 4096 if dtype != torch.float32 else 2048)
-    if block >= 2048:
-        warps = 8
-    elif block >= 512:
-        warps = 4
-    else:
-        warps = 2
-    return block, warps
-
-
-def as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [N, V] with last stride 1, without a copy where the leading dims flatten to one
-    constant row stride (contiguous tensors, slices logits[..., :V] of wider ones); else a copy."""
     V = logits.shape[-1]
-    if logits.stride(-1) == 1 or logits.numel() == 0:
-        try:
-            rows = logits.view(-1, V)
-        except RuntimeError:
-            rows = None
-        if rows is not None and (rows.stride(1) == 1 or V <= 1):
-            return rows
-    return logits.reshape(-1, V).contiguous()
+    if logits.numel() == 0:
+        return logits.reshape(1, -1, V)
+    if logits.stride(-1) == 1 or V == 1:  # (V == 1: only column 0 is read, its stride is moot)
+        if logits.dim() == 3:
+            return logits
+        if logits.dim() <= 2:
+            return logits.view(1, -1, V)
+        for shape in ((1, -1, V), (-1, logits.shape[-2], V)):
+            try:
+                return logits.view(shape)
+            except RuntimeError:
+                pass
+    return logits.reshape(-1, V).contiguous().unsqueeze(0)
+
+
+def _check_rows3d(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3 or (x.stride(2) != 1 and x.shape[2] > 1):
+        raise ValueError(f"{name} must be [B, T, V] with last stride 1 (launcher), got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")
 
 
 def logprobs_forward(
@@ -227,14 +218,15 @@ def logprobs_forward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Launch the forward kernel.
 
-    logits [N, V] (last stride 1), labels [N] int32/int64 or None (entropy only), weight [N] fp32
-    or None (multiplies the log-prob; a 0-weight token is not read and gives exactly 0; needs
-    labels, excludes with_entropy). Returns (logp [N] fp32 or None,
-    entropy [N] fp32 or None, lse [N] fp32, in units of logits / T; 0 for ignored rows).
+    logits [B, T, V] (last stride 1, any stride_b / stride_t: see `as_rows3d`); N = B * T rows in
+    row-major (b, t) order. labels [N] int32/int64 or None (entropy only), weight [N] fp32 or None
+    (multiplies the log-prob; a 0-weight token is not read and gives exactly 0; needs labels,
+    excludes with_entropy). Returns (logp [N] fp32 or None, entropy [N] fp32 or None, lse [N]
+    fp32, in units of logits / temperature; 0 for ignored rows).
     """
-    N, V = logits.shape
-    if logits.stride(1) != 1 and V > 1:
-        raise ValueError("logits must have a contiguous last dim (launcher)")
+    _check_rows3d("logits", logits)
+    B, T, V = logits.shape
+    N = B * T
     device = logits.device
     lse = torch.empty(N, device=device, dtype=torch.float32)
     logp = torch.empty(N, device=device, dtype=torch.float32) if labels is not None else None
@@ -247,15 +239,17 @@ def logprobs_forward(
         labels = labels.contiguous()
     if weight is not None:
         weight = weight.contiguous()
-    block, warps = _block_config(V, logits.dtype)
+    block, warps = row_config(V, logits.dtype)
     _logprobs_fwd_kernel[(N,)](
         logits,
         logits.stride(0),
+        logits.stride(1),
         labels if labels is not None else lse,
         weight if weight is not None else lse,
         logp if logp is not None else lse,
         ent if ent is not None else lse,
         lse,
+        T,
         V,
         1.0 / temperature,
         ignore_index,
@@ -279,31 +273,40 @@ def logprobs_backward(
     ignore_index: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the backward kernel: grad_logits [N, V] in logits.dtype.
+    """Launch the backward kernel: grad_logits [B, T, V] in logits.dtype.
 
-    logits [N, V] (last stride 1), labels [N] or None, grad_logp [N] (needs labels) or None,
-    grad_entropy [N] (needs ent) or None, lse/ent [N] fp32 from the forward. `out` ([N, V], last
-    stride 1, may be `logits` itself for an in-place backward) receives the gradient; default a
-    new contiguous tensor.
+    logits [B, T, V] (last stride 1, any stride_b / stride_t), labels [N] or None, grad_logp [N]
+    (needs labels) or None, grad_entropy [N] (needs ent) or None, lse/ent [N] fp32 from the
+    forward (N = B * T, row-major (b, t) order). `out` ([B, T, V], last stride 1, any stride_b /
+    stride_t; may be `logits` itself for an in-place backward: each element is read before it is
+    overwritten, by the same program) receives the gradient; default a new contiguous tensor.
     """
-    N, V = logits.shape
+    _check_rows3d("logits", logits)
+    B, T, V = logits.shape
+    N = B * T
     if out is None:
-        out = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
+        out = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
+    elif out.shape != logits.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} != logits shape {tuple(logits.shape)} (launcher)")
+    _check_rows3d("out", out)
     if N == 0:
         return out
     has_labels = labels is not None and grad_logp is not None
     has_grad_ent = grad_entropy is not None
-    block, warps = _block_config(V, logits.dtype)
+    block, warps = row_config(V, logits.dtype)
     _logprobs_bwd_kernel[(N,)](
         logits,
         logits.stride(0),
+        logits.stride(1),
         out,
         out.stride(0),
+        out.stride(1),
         labels.contiguous() if has_labels else lse,
         grad_logp.contiguous() if has_labels else lse,
         grad_entropy.contiguous() if has_grad_ent else lse,
         lse,
         ent if has_grad_ent else lse,
+        T,
         V,
         1.0 / temperature,
         ignore_index,

@@ -32,9 +32,12 @@ per-token policy terms with the same @triton.jit helper as the main kernel.
 
 `_scale_grad_kernel` folds the caller's grad_output g into the gradient in place during backward.
 Every program first loads g from its pointer and returns at once when g == 1, so the common
-`loss.backward()` moves no [N, V] bytes and never syncs with the host.
+`loss.backward()` moves no [N, V] bytes and never syncs with the host. (Eager only: under
+torch.compile the autograd in rlhf_fast/ppo_from_logits.py multiplies instead, see `_backward`.)
 
-Block size and warp count depend only on V and the dtype (never on the number of rows), so a
+The pass-1 loop and the safe lse / entropy finalisation are the shared helpers of `_rows` (also
+used by the log-prob kernels), the per-token policy / KL math those of `_terms`. Block size and
+warp count (`_rows.row_config`) depend only on V and the dtype (never on the number of rows), so a
 token's results are bitwise the same whatever batch it is in.
 """
 
@@ -44,9 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-# KL estimator codes (constexpr mode switch in the kernels).
-KL_NONE, KL_K1, KL_K2, KL_K3, KL_ABS = 0, 1, 2, 3, 4
-KL_CODES = {"k1": KL_K1, "k2": KL_K2, "k3": KL_K3, "abs": KL_ABS}
+from ._rows import row_config, row_lse_entropy, row_online_stats
+from ._terms import KL_CODES, KL_NONE, kl_term, ppo_clip_term
 
 # Layout of the stats vector written by the stats kernel.
 STAT_NAMES = ("policy_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max", "kl", "dual_clipfrac")
@@ -60,52 +62,24 @@ def _token_terms(
     adv,
     ref,
     counted,
-    clip_low,
-    clip_high,
+    eps_low,
+    eps_high,
     dual_clip,
     HAS_DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
 ):
-    """Per-token policy and KL terms and their derivatives w.r.t. logp (works on scalars or blocks).
+    """Per-token policy and KL terms and their derivatives w.r.t. logp (scalars or blocks).
 
-    Returns (P, dP/dlogp, ratio, clipped, dual_active, kl, dkl/dlogp). Gradient conventions match
-    autograd through the reference: the unclipped branch carries the gradient where
-    -A r >= -A clip(r) (inside the clip range both branches are equal and their halves add up).
+    Returns (P, dP/dlogp, ratio, clipped, dual_active, kl, dkl/dlogp); the math and its gradient
+    conventions are the shared helpers of `_terms` (eps_low / eps_high are clip widths). Here only
+    the masking: an uncounted token uses log-ratio 0 (exp() of a garbage old log-prob there must
+    not give inf) and logp := ref (every KL estimator gives 0, never exp(huge)).
     """
-    # Uncounted tokens use log-ratio 0: exp() of a garbage old log-prob there must not give inf.
     log_ratio = tl.where(counted, logp - old, 0.0)
-    ratio = tl.exp(log_ratio)
-    loss1 = -adv * ratio
-    loss2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    clipped = loss2 > loss1
-    policy = tl.maximum(loss1, loss2)
-    d_policy = tl.where(loss1 >= loss2, loss1, 0.0)  # d(-A r)/dlogp = -A r
-    if HAS_DUAL:
-        loss3 = -adv * dual_clip
-        dual_active = (adv < 0.0) & (policy > loss3)
-        policy = tl.where(dual_active, loss3, policy)
-        d_policy = tl.where(dual_active, 0.0, d_policy)
-    else:
-        dual_active = tl.where(counted, False, False)
-    if KL_KIND == 0:
-        kl = tl.where(counted, 0.0, 0.0)
-        d_kl = kl
-    else:
-        # Uncounted tokens: logp := ref, so every estimator gives 0 (and never exp(huge)).
-        diff = tl.where(counted, logp - ref, 0.0)
-        if KL_KIND == 1:  # k1
-            kl = diff
-            d_kl = 1.0 + 0.0 * diff
-        elif KL_KIND == 2:  # k2
-            kl = 0.5 * diff * diff
-            d_kl = diff
-        elif KL_KIND == 3:  # k3
-            e = tl.exp(-diff)
-            kl = e + diff - 1.0
-            d_kl = 1.0 - e
-        else:  # abs
-            kl = tl.abs(diff)
-            d_kl = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+    policy, d_policy, ratio, clipped, dual_active = ppo_clip_term(
+        log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL
+    )
+    kl, d_kl = kl_term(tl.where(counted, logp - ref, 0.0), KL_KIND)
     return policy, d_policy, ratio, clipped, dual_active, kl, d_kl
 
 
@@ -128,8 +102,8 @@ def _ppo_from_logits_fwd_kernel(
     V,
     inv_temperature,
     ignore_index,
-    clip_low,
-    clip_high,
+    eps_low,
+    eps_high,
     dual_clip,
     kl_coef,
     entropy_coef,
@@ -152,30 +126,11 @@ def _ppo_from_logits_fwd_kernel(
     counted = w != 0.0
 
     # ---- pass 1: running max m, s = sum e, t_acc = sum e (x - m) with e = exp(x - m) ----------
-    n_cols = tl.where(ignored, 0, V)  # ignore_index rows are not read
-    m = -float("inf")
-    s = 0.0
-    t_acc = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        valid = offs < n_cols
-        x = tl.load(row_ptr + offs, mask=valid, other=-float("inf"), eviction_policy="evict_last")
-        x = x.to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # Everything so far -inf: shift by 0 instead of (-inf) - (-inf) = NaN (the sums are 0).
-        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = x - m_shift
-        e = tl.exp(d)
-        alpha = tl.exp(m - m_shift)
-        # Re-centre sum e (x - m) on the new max: alpha (t + s (m - m_new)); 0 while s == 0.
-        shift = tl.where(s > 0.0, m - m_shift, 0.0)
-        t_acc = alpha * (t_acc + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
-
-    log_s = tl.log(s)
-    lse = m + log_s
-    ent = log_s - t_acc / s
+    # (evict_last: pass 2 reads the row again.) ignore_index rows are not read (n_cols = 0).
+    n_cols = tl.where(ignored, 0, V)
+    m, s, t_acc = row_online_stats(row_ptr, n_cols, inv_temperature, True, BLOCK_V, "evict_last")
+    # Safe where s == 0 (ignored, or a row of only -inf): lse = -inf, entropy 0 (the reference's).
+    lse, ent = row_lse_entropy(m, s, t_acc)
     # Clamped gather: a bad label never reads out of bounds; it gives NaN (and NaN gradient).
     safe_label = tl.where(in_range, label, 0)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
@@ -192,9 +147,9 @@ def _ppo_from_logits_fwd_kernel(
         if KL_KIND != 0:
             ref = tl.load(ref_ptr + row).to(tl.float32)
         else:
-            ref = 0.0
+            ref = logp
         _, d_policy, _, _, _, _, d_kl = _token_terms(
-            logp, old, adv, ref, counted, clip_low, clip_high, dual_clip, HAS_DUAL, KL_KIND
+            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, HAS_DUAL, KL_KIND
         )
         g_logp = d_policy + kl_coef * d_kl
         a = tl.where(counted, w * g_logp * inv_temperature, 0.0)
@@ -229,8 +184,8 @@ def _ppo_from_logits_stats_kernel(
     loss_ptr,
     stats_ptr,
     N,
-    clip_low,
-    clip_high,
+    eps_low,
+    eps_high,
     dual_clip,
     kl_coef,
     entropy_coef,
@@ -262,10 +217,10 @@ def _ppo_from_logits_stats_kernel(
         if KL_KIND != 0:
             ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         else:
-            ref = 0.0 * logp
+            ref = logp
         counted = mk != 0.0
         policy, _, ratio, clipped, dual_active, kl, _ = _token_terms(
-            logp, old, adv, ref, counted, clip_low, clip_high, dual_clip, HAS_DUAL, KL_KIND
+            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, HAS_DUAL, KL_KIND
         )
         total = policy + kl_coef * kl - entropy_coef * ent
         # where(): NaN / inf at an uncounted token never leaks into a sum.
@@ -313,19 +268,6 @@ def _scale_grad_kernel(grad_ptr, stride_b, stride_t, g_ptr, T, V, BLOCK_V: tl.co
 # Launchers
 
 
-def _row_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) from V and dtype only.
-
-    Big V: 8 KB of logits per chunk (4096 16-bit or 2048 fp32 values, 8 warps: 32 B per thread,
-    two 16 B vector loads), the shape ANCHORS.md's calibration kernel ran at 90-96% of copy
-    bandwidth. Compiled for sm_90 here: 61 registers at 4096 x bf16, no spills. Not yet timed on
-    an H100 in this project.
-    """
-    block = min(triton.next_power_of_2(max(V, 16)), 4096 if dtype != torch.float32 else 2048)
-    num_warps = 8 if block >= 2048 else (4 if block >= 512 else 2)
-    return block, num_warps
-
-
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     """(stride_b, stride_t) of a [B, T, V] tensor whose last stride is 1."""
     return t.stride(0), t.stride(1)
@@ -342,8 +284,8 @@ def ppo_from_logits_fwd(
     grad_out: torch.Tensor | None,
     *,
     temperature: float,
-    clip_low: float,
-    clip_high: float,
+    eps_low: float,
+    eps_high: float,
     dual_clip: float | None,
     kl_coef: float,
     kl_kind: str,
@@ -358,8 +300,9 @@ def ppo_from_logits_fwd(
     tokens, 0 elsewhere) for the masked-mean stats. grad_out [B, T, V] in the logits' dtype, last
     stride 1 (may be `logits` itself: each element is read before it is overwritten, by the same
     program), or None: no gradient, the second pass is skipped (1 read of the logits in all).
-    kl_kind is a canonical name (k1|k2|k3|abs), used only when ref_logprobs is given and
-    kl_coef != 0. Returns (loss 0-d fp32, logp [B, T] fp32, entropy [B, T] fp32,
+    kl_kind is a name or alias in KL_CODES (k1|k2|k3|abs, kl|mse|low_var_kl), used only when
+    ref_logprobs is given and kl_coef != 0. eps_low / eps_high are clip widths (ratio bounds
+    1 - eps_low, 1 + eps_high). Returns (loss 0-d fp32, logp [B, T] fp32, entropy [B, T] fp32,
     stats [N_STATS] fp32 in STAT_NAMES order).
     """
     B, T, V = logits.shape
@@ -390,7 +333,7 @@ def ppo_from_logits_fwd(
         stats.zero_()
         return loss, logp.view(B, T), ent.view(B, T), stats
 
-    block_v, num_warps = _row_config(V, logits.dtype)
+    block_v, num_warps = row_config(V, logits.dtype)
     lb, lt = _row_strides(logits)
     gb, gt = _row_strides(grad_out)
     _ppo_from_logits_fwd_kernel[(N,)](
@@ -411,8 +354,8 @@ def ppo_from_logits_fwd(
         V,
         1.0 / float(temperature),
         int(ignore_index),
-        float(clip_low),
-        float(clip_high),
+        float(eps_low),
+        float(eps_high),
         dual,
         float(kl_coef),
         float(entropy_coef),
@@ -433,8 +376,8 @@ def ppo_from_logits_fwd(
         loss,
         stats,
         N,
-        float(clip_low),
-        float(clip_high),
+        float(eps_low),
+        float(eps_high),
         dual,
         float(kl_coef),
         float(entropy_coef),
@@ -458,6 +401,6 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if grad.stride(-1) != 1:
         raise ValueError("scale_grad_: grad needs last stride 1")
     g = grad_output.reshape(1).to(device=grad.device, dtype=torch.float32).contiguous()
-    block_v, num_warps = _row_config(V, grad.dtype)
+    block_v, num_warps = row_config(V, grad.dtype)
     sb, st = _row_strides(grad)
     _scale_grad_kernel[(N,)](grad, sb, st, g, T, V, BLOCK_V=block_v, num_warps=num_warps)

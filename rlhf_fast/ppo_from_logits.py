@@ -8,7 +8,8 @@ Why the gradient comes from the forward: every aggregation mode is a weighted su
 losses with weights that depend on the mask alone (`aggregation_weights`), so dloss/dlogp and
 dloss/dentropy of each token are known before backward. The kernel writes dloss/dlogits while it
 has the row in hand and backward only hands it back (times grad_output, folded in for free when
-grad_output == 1). No [N, V] fp32 intermediate is ever allocated.
+grad_output == 1 in eager mode; one fused multiply pass under torch.compile, see `_backward`).
+No [N, V] fp32 intermediate is ever allocated.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def _fwd_op(
     stat_mask: Tensor,
     ref_logprobs: Optional[Tensor],
     temperature: float,
-    clip_low: float,
-    clip_high: float,
+    eps_low: float,
+    eps_high: float,
     dual_clip: Optional[float],
     kl_coef: float,
     kl_kind: str,
@@ -97,8 +98,8 @@ def _fwd_op(
         ref_logprobs,
         grad,
         temperature=temperature,
-        clip_low=clip_low,
-        clip_high=clip_high,
+        eps_low=eps_low,
+        eps_high=eps_high,
         dual_clip=dual_clip,
         kl_coef=kl_coef,
         kl_kind=kl_kind,
@@ -120,8 +121,8 @@ def _fwd_fake(
     stat_mask,
     ref_logprobs,
     temperature,
-    clip_low,
-    clip_high,
+    eps_low,
+    eps_high,
     dual_clip,
     kl_coef,
     kl_kind,
@@ -150,8 +151,8 @@ def _fwd_inplace_op(
     stat_mask: Tensor,
     ref_logprobs: Optional[Tensor],
     temperature: float,
-    clip_low: float,
-    clip_high: float,
+    eps_low: float,
+    eps_high: float,
     dual_clip: Optional[float],
     kl_coef: float,
     kl_kind: str,
@@ -172,8 +173,8 @@ def _fwd_inplace_op(
         ref_logprobs,
         logits,
         temperature=temperature,
-        clip_low=clip_low,
-        clip_high=clip_high,
+        eps_low=eps_low,
+        eps_high=eps_high,
         dual_clip=dual_clip,
         kl_coef=kl_coef,
         kl_kind=kl_kind,
@@ -220,6 +221,23 @@ def _backward(ctx, grad_loss, *unused_grads):
     no_input_grads = (None,) * 15
     if not ctx.write_grad:  # the logits did not require grad
         return (None,) + no_input_grads
+    if torch.compiler.is_compiling():
+        (grad,) = ctx.saved_tensors
+        # Under torch.compile the in-place scale op costs more than a plain multiply: `grad` is a
+        # saved intermediate (a backward-graph input that no caller sees), so functionalization
+        # turns the mutation into "clone, then mutate the clone" and inductor cannot re-inplace
+        # it (it only re-inplaces mutated graph inputs that get a copy_ back, i.e. the user's own
+        # inputs). The clone lands in grad's own (dead) buffer: a full read + write of [N, V]
+        # that copies nothing, then the scale op (0 or 1 more pass). Declaring the op otherwise
+        # does not help: a custom op may not return an alias of its input, and a new output
+        # only when grad_output != 1 would need a host sync. A traced multiply is one fused
+        # pointwise pass (1 read + 1 write, written into the dead buffer, fusable with what
+        # consumes the gradient): never more traffic than the copy, half of copy + scale.
+        # tests/test_ppo_from_logits.py greps inductor's output code for this.
+        return (grad * grad_loss,) + no_input_grads
+    # Eager guard only: under torch.compile this Python runs once, at trace time, and the compiled
+    # backward never re-reads the flag (a traced check would need a device flag and a host sync
+    # to raise, which backward must not do). The docstring says so: unsupported under compile.
     if ctx.grad_consumed:
         raise RuntimeError(_BACKWARD_TWICE)
     ctx.grad_consumed = True
@@ -330,7 +348,12 @@ def ppo_loss_from_logits(
 
     Backward: the gradient was computed in the forward; backward multiplies it by grad_output in
     place (no work when grad_output == 1). Hence a second backward through the same graph
-    (retain_graph=True) raises RuntimeError.
+    (retain_graph=True) is not supported: in eager mode it raises RuntimeError; under
+    torch.compile the guard cannot run (it is Python state, read once at trace time), so a second
+    backward is not detected there (the compiled backward multiplies a functional copy, which
+    gave the right gradient with torch 2.13, but this is not guaranteed) -- recompute the loss
+    instead. Under torch.compile grad_output is folded in by one traced multiply (one pass over
+    the gradient, also when grad_output == 1; see `_backward`).
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("labels", labels, dtypes=_INT_DTYPES, ndim=2)

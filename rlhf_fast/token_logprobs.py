@@ -20,14 +20,13 @@ from rlhf_fast._backend import (
     FLOAT_DTYPES,
     as_float_mask,
     check_same_device,
-    check_same_shape,
     check_tensor,
     checks_enabled,
     register_op,
     resolve,
 )
 
-__all__ = ["logprobs", "entropy", "sequence_logprobs"]
+__all__ = ["entropy", "logprobs", "sequence_logprobs"]
 
 LABEL_DTYPES = (torch.int64, torch.int32)
 
@@ -65,7 +64,7 @@ def _logprobs_bwd(
     """grad_logits [..., V] (logits.dtype) from grad_logp / grad_entropy [...] and the saved
     fp32 lse / entropy [...]. A None grad means that output gets no gradient."""
     kernels = _kernels()
-    rows = kernels.as_rows(logits)
+    rows = kernels.as_rows3d(logits)
     grad = kernels.logprobs_backward(
         rows,
         labels.reshape(-1) if labels is not None else None,
@@ -95,9 +94,23 @@ def _logprobs_bwd_inplace(
     temperature: float,
     ignore_index: int,
 ) -> None:
-    """Like logprobs_bwd but writes the gradient over `logits` (no second [N, V] buffer)."""
+    """Like logprobs_bwd but writes the gradient over `logits` (no second [N, V] buffer).
+
+    Under torch.compile (checked with TORCH_LOGS=output_code, torch 2.13 inductor on CPU): the
+    saved `logits` is a backward-graph input that no caller sees (an intermediate of the forward,
+    e.g. the lm_head output), so functionalization turns this mutation into "clone, then mutate
+    the clone", and inductor's re-inplacing pass keeps the clone (it only re-inplaces mutated graph
+    inputs that get a copy_ back, i.e. the user's own inputs). Inductor places the clone in the
+    dead logits buffer, so the memory saving holds, but the clone is an extra full read + write
+    of [N, V] (a self-copy kernel) before this op. No declaration avoids it: a custom op may not
+    return an alias of its input, and the functional `logprobs_bwd` needs a second [N, V] buffer
+    (what inplace_backward exists to avoid). So under compile inplace_backward=True trades
+    1 read + 1 write of the logits for that buffer; pass inplace_backward=False where memory
+    allows. (For the fused PPO loss the grad_output scaling has a clean way out, a traced
+    multiply: see rlhf_fast/ppo_from_logits.py `_backward`.)
+    """
     kernels = _kernels()
-    rows = kernels.as_rows(logits)
+    rows = kernels.as_rows3d(logits)
     in_place = _rows_share_storage(rows, logits)
     grad = kernels.logprobs_backward(
         rows,
@@ -111,7 +124,8 @@ def _logprobs_bwd_inplace(
         out=rows if in_place else None,
     )
     if not in_place:
-        # logits had no constant row stride (rare): the kernel worked on a copy; write it back.
+        # A layout [B, T, V] strides cannot express (rare: see as_rows3d): the kernel worked on a
+        # copy; write it back.
         logits.copy_(grad.view(logits.shape))
 
 
@@ -147,7 +161,7 @@ def _logprobs_fwd(
     """(logp [...], entropy [...] or [0] when not requested, lse [...]), all fp32."""
     kernels = _kernels()
     logp, ent, lse = kernels.logprobs_forward(
-        kernels.as_rows(logits), labels.reshape(-1), None, temperature, ignore_index, with_entropy
+        kernels.as_rows3d(logits), labels.reshape(-1), None, temperature, ignore_index, with_entropy
     )
     lead = logits.shape[:-1]
     ent = ent.view(lead) if ent is not None else logits.new_empty((0,), dtype=torch.float32)
@@ -192,7 +206,7 @@ _logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setu
 def _entropy_fwd(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(entropy [...], lse [...]), fp32."""
     kernels = _kernels()
-    _, ent, lse = kernels.logprobs_forward(kernels.as_rows(logits), None, None, temperature, 0, True)
+    _, ent, lse = kernels.logprobs_forward(kernels.as_rows3d(logits), None, None, temperature, 0, True)
     lead = logits.shape[:-1]
     return ent.view(lead), lse.view(lead)
 
@@ -233,7 +247,7 @@ def _sequence_logprobs_fwd(
     """(weight * logp [B, T] with exact 0 where weight == 0, lse [B, T]), fp32."""
     kernels = _kernels()
     logp, _, lse = kernels.logprobs_forward(
-        kernels.as_rows(logits),
+        kernels.as_rows3d(logits),
         labels.reshape(-1),
         weight.reshape(-1).to(torch.float32),
         temperature,
@@ -329,9 +343,11 @@ def logprobs(
     """Log-probability of each label under softmax(logits / temperature), and optionally its entropy.
 
     Args:
-        logits: [..., V] fp32, bf16 or fp16, last dim contiguous. Leading dims that flatten to one
-            constant row stride (contiguous tensors, or a slice ``x[..., :V]`` of a wider tensor) are
-            used without a copy; other layouts are copied once.
+        logits: [..., V] fp32, bf16 or fp16, last dim contiguous. Read in place (no copy) when
+            the leading dims flatten to at most two strides: contiguous tensors, a slice
+            ``x[..., :V]`` of a wider tensor, the shifted slice ``x[:, :-1]`` of [B, T + 1, V]
+            logits, transposed [B, T] dims. Other layouts (last stride != 1, or more leading dims
+            that do not flatten to two) are copied once.
         labels: [...] int64 (or int32), the token ids, already aligned with ``logits`` (no shift).
         temperature: divides the logits before the softmax (default 1.0; positive float).
         ignore_index: label value for tokens that do not count (default -100): their log-prob
@@ -341,6 +357,8 @@ def logprobs(
         inplace_backward: write the gradient into ``logits``' own storage instead of a new
             [..., V] tensor (default False). ``logits`` is clobbered by the backward, so nothing
             else may need its values afterwards (e.g. a softcap/tanh that saved its output).
+            Under torch.compile the memory saving holds but inductor adds a self-copy of the
+            logits (1 read + 1 write) before the in-place backward (see ``logprobs_bwd_``).
         backend: None/"auto", "triton" or "reference" (see ``rlhf_fast._backend``).
 
     Returns:

@@ -11,6 +11,7 @@ from conftest import DEVICE, TOL
 import rlhf_fast.token_logprobs as lp_mod
 from rlhf_fast import reference
 from rlhf_fast.kernels import logprobs as lp_kernels
+from rlhf_fast.kernels._rows import row_config
 from rlhf_fast.token_logprobs import entropy, logprobs, sequence_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -151,7 +152,7 @@ def test_online_rescale_across_blocks(dtype):
     """Several BLOCK_V chunks per row, with the running max moving late, a first chunk of only
     -inf, and a large common offset (entropy must not cancel lse against sum p z)."""
     V = 9000
-    block, _ = lp_kernels._block_config(V, dtype)
+    block, _ = row_config(V, dtype)
     assert V > 2 * block
     logits = make_logits((4, V), torch.float32)
     logits[0] += torch.linspace(-20, 20, V, device=DEVICE)  # max in the last chunk
@@ -332,8 +333,8 @@ def test_row_strided_input_without_copy():
     wide = make_logits((2, 3, width), torch.float32)
     logits = wide[..., :V]
     assert not logits.is_contiguous()
-    rows = lp_kernels.as_rows(logits)
-    assert rows.data_ptr() == logits.data_ptr() and rows.stride() == (width, 1)
+    rows = lp_kernels.as_rows3d(logits)
+    assert rows.data_ptr() == logits.data_ptr() and rows.stride() == (3 * width, width, 1)
 
     labels = make_labels((2, 3), V)
     g = [make_logits((2, 3), torch.float32, seed=3, scale=1.0), make_logits((2, 3), torch.float32, seed=4, scale=1.0)]
@@ -364,12 +365,21 @@ def test_row_strided_input_without_copy():
 
 def test_non_flattenable_layout_is_copied():
     V = 1271
-    base = make_logits((3, 2, V), torch.float32)
-    logits = base.transpose(0, 1)  # [2, 3, V]: leading dims have no single row stride
-    labels = make_labels((2, 3), V)
-    assert lp_kernels.as_rows(logits).data_ptr() != logits.data_ptr()  # had to copy
+    # Transposed [B, T] dims: a 3-D view the kernels read in place (stride_b / stride_t).
+    transposed = make_logits((3, 2, V), torch.float32).transpose(0, 1)
+    assert lp_kernels.as_rows3d(transposed).data_ptr() == transposed.data_ptr()
+    # Three leading dims that do not flatten to two: the one layout that is copied ...
+    base = make_logits((2, 3, 2, V), torch.float32)
+    logits = base.transpose(0, 1)  # [3, 2, 2, V], strides (2V, 6V, V, 1)
+    labels = make_labels((3, 2, 2), V)
+    assert lp_kernels.as_rows3d(logits).data_ptr() != logits.data_ptr()  # had to copy
+    # ... and so is a last dim with stride != 1.
+    cols = make_logits((V, 4), torch.float32).t()
+    assert lp_kernels.as_rows3d(cols).data_ptr() != cols.data_ptr()
+    assert torch.equal(lp_kernels.as_rows3d(cols)[0], cols)
+
     fn = lambda x: logprobs(x, labels, backend=BACKEND)  # noqa: E731
-    ones = [torch.ones(2, 3, device=DEVICE)]
+    ones = [torch.ones(3, 2, 2, device=DEVICE)]
     out, grad = grads_of(fn, logits, ones)  # (clone keeps the transposed strides)
     ref, ref_grad = grads_of(fn, logits.contiguous(), ones)
     assert torch.equal(out[0], ref[0]) and torch.equal(grad, ref_grad)
@@ -377,6 +387,81 @@ def test_non_flattenable_layout_is_copied():
     x = base.clone().transpose(0, 1).requires_grad_(True)
     logprobs(x, labels, inplace_backward=True, backend=BACKEND).sum().backward()
     assert torch.equal(x.grad, ref_grad)
+    col_labels = make_labels((4,), V)
+    assert torch.equal(
+        logprobs(cols, col_labels, backend=BACKEND), logprobs(cols.contiguous(), col_labels, backend=BACKEND)
+    )
+
+
+def _spy_launchers(monkeypatch):
+    """Record the logits tensor each launcher is handed (to check that no copy was made)."""
+    seen = {"fwd": [], "bwd": []}
+    fwd, bwd = lp_kernels.logprobs_forward, lp_kernels.logprobs_backward
+
+    def spy_fwd(logits, *args, **kw):
+        seen["fwd"].append(logits)
+        return fwd(logits, *args, **kw)
+
+    def spy_bwd(logits, *args, **kw):
+        seen["bwd"].append((logits, kw.get("out")))
+        return bwd(logits, *args, **kw)
+
+    monkeypatch.setattr(lp_kernels, "logprobs_forward", spy_fwd)
+    monkeypatch.setattr(lp_kernels, "logprobs_backward", spy_bwd)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shifted_slice_is_not_copied(monkeypatch, dtype):
+    """logits_full[:, :-1] (a [B, T-1, V] view of [B, T, V]: no single row stride) goes to the
+    kernels as is, with equal results and gradients; inplace_backward writes through its strides."""
+    B, T, V = 3, 5, 1271
+    full = make_logits((B, T, V), dtype)
+    labels = make_labels((B, T - 1), V)
+    labels[1, 2] = -100
+    g = [make_logits((B, T - 1), torch.float32, seed=3, scale=1.0), make_logits((B, T - 1), torch.float32, seed=4)]
+    fn = lambda x: logprobs(x, labels, return_entropy=True, backend=BACKEND)  # noqa: E731
+    expected, grad_expected = grads_of(fn, full[:, :-1].contiguous(), g)
+
+    seen = _spy_launchers(monkeypatch)
+    leaf = full.clone().requires_grad_(True)
+    shifted = leaf[:, :-1]
+    with pytest.raises(RuntimeError):
+        shifted.view(-1, V)  # the layout the old flattening could not handle
+    outs = fn(shifted)
+    ((outs[0] * g[0]).sum() + (outs[1] * g[1]).sum()).backward()
+    assert torch.equal(outs[0], expected[0]) and torch.equal(outs[1], expected[1])
+    assert torch.equal(leaf.grad[:, :-1], grad_expected) and (leaf.grad[:, -1] == 0).all()
+    handed = seen["fwd"][0]
+    assert handed.data_ptr() == leaf.data_ptr() and handed.stride() == (T * V, V, 1)
+    bwd_logits, bwd_out = seen["bwd"][0]
+    assert bwd_logits.data_ptr() == leaf.data_ptr() and bwd_out is None
+
+    # inplace_backward: the gradient lands in full's own storage, the last position untouched.
+    seen["fwd"].clear()
+    seen["bwd"].clear()
+    storage = full.clone()
+    x = storage[:, :-1].requires_grad_(True)
+    outs = logprobs(x, labels, return_entropy=True, inplace_backward=True, backend=BACKEND)
+    ((outs[0] * g[0]).sum() + (outs[1] * g[1]).sum()).backward()
+    assert torch.equal(outs[0], expected[0])
+    bwd_logits, bwd_out = seen["bwd"][0]
+    assert bwd_out is not None and bwd_out.data_ptr() == storage.data_ptr()
+    assert torch.equal(storage[:, :-1], grad_expected)
+    assert torch.equal(storage[:, -1], full[:, -1])
+    assert torch.equal(x.grad, grad_expected)
+
+
+def test_shifted_slice_entropy_and_sequence_logprobs(monkeypatch):
+    B, T, V = 2, 4, 300
+    full = make_logits((B, T, V), torch.float32)
+    labels = make_labels((B, T - 1), V)
+    seen = _spy_launchers(monkeypatch)
+    ent = entropy(full[:, :-1], backend=BACKEND)
+    seq = sequence_logprobs(full[:, :-1], labels, backend=BACKEND)
+    assert all(t.data_ptr() == full.data_ptr() and t.stride() == (T * V, V, 1) for t in seen["fwd"])
+    assert torch.equal(ent, entropy(full[:, :-1].contiguous(), backend=BACKEND))
+    assert torch.equal(seq, sequence_logprobs(full[:, :-1].contiguous(), labels, backend=BACKEND))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,9 +9,14 @@ TRITON_INTERPRET=1, so the sizes stay small (V = 1271: not a power of two, not a
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, TOL
 
 from rlhf_fast import reference
+from rlhf_fast.kernels import _terms
+from rlhf_fast.kernels import ppo_from_logits as pfl_kernels
+from rlhf_fast.kernels._rows import row_config
 from rlhf_fast.ppo_from_logits import ppo_loss_from_logits
 
 # The interpreter evaluates both sides of tl.where on masked lanes (exp(-inf) * -inf ...): numpy
@@ -428,12 +433,187 @@ def test_torch_compile_fullgraph(inplace, dynamic):
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers (kernels/_terms.py, kernels/_rows.py)
+
+
+@triton.jit
+def _terms_probe_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, out_ptr, N, eps_low, eps_high, dual_clip,
+                        HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    valid = offs < N
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0)
+    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0)
+    loss, d_loss, ratio, clipped, dual = _terms.ppo_clip_term(logp - old, adv, eps_low, eps_high, dual_clip, HAS_DUAL)
+    kl, d_kl = _terms.kl_term(logp - ref, KL_KIND)
+    outs = (loss, d_loss, ratio, clipped.to(tl.float32), dual.to(tl.float32), kl, d_kl,
+            _terms.kl_value(logp, ref, KL_KIND), _terms.kl_dlogp(logp, ref, KL_KIND))
+    for i in tl.static_range(9):
+        tl.store(out_ptr + i * N + offs, outs[i], mask=valid)
+    # Scalars too (the fused kernel calls the helpers on per-row scalars).
+    s_loss, s_d_loss, _, _, _ = _terms.ppo_clip_term(tl.load(logp_ptr) - tl.load(old_ptr), tl.load(adv_ptr),
+                                                     eps_low, eps_high, dual_clip, HAS_DUAL)
+    s_kl, s_d_kl = _terms.kl_term(tl.load(logp_ptr) - tl.load(ref_ptr), KL_KIND)
+    tl.store(out_ptr + 9 * N, s_loss)
+    tl.store(out_ptr + 9 * N + 1, s_d_loss)
+    tl.store(out_ptr + 9 * N + 2, s_kl)
+    tl.store(out_ptr + 9 * N + 3, s_d_kl)
+
+
+def _probe_terms(logp, old, adv, ref, *, eps_low, eps_high, dual_clip, kind):
+    N = logp.numel()
+    out = torch.full((9 * N + 4,), float("nan"), device=DEVICE)
+    code = _terms.KL_NONE if kind is None else _terms.KL_CODES[kind]
+    _terms_probe_kernel[(1,)](logp, old, adv, ref, out, N, eps_low, eps_high, 0.0 if dual_clip is None else dual_clip,
+                              HAS_DUAL=dual_clip is not None, KL_KIND=code, BLOCK=triton.next_power_of_2(N))
+    return out[: 9 * N].view(9, N), out[9 * N:]
+
+
+def test_kl_codes_cover_the_reference_names():
+    assert set(_terms.KL_CODES) == set(reference.KL_KINDS)
+    for name, canonical in reference.KL_KINDS.items():
+        assert _terms.KL_CODES[name] == _terms.KL_CODES[canonical]
+    assert len({_terms.KL_CODES[c] for c in set(reference.KL_KINDS.values())} | {_terms.KL_NONE}) == 5
+    assert pfl_kernels.KL_CODES is _terms.KL_CODES
+
+
+@pytest.mark.parametrize("dual_clip", [None, 1.7])
+@pytest.mark.parametrize("kind", [None, "k1", "k2", "k3", "abs", "low_var_kl"])
+def test_shared_terms_match_reference(kind, dual_clip):
+    """ppo_clip_term / kl_term against the reference per-token terms and autograd derivatives."""
+    gen = torch.Generator().manual_seed(31)
+    N = 50
+    logp = (-torch.rand(N, generator=gen) * 3.0).to(DEVICE)
+    old = (logp + torch.randn(N, generator=gen, device="cpu").to(DEVICE) * 0.5).contiguous()
+    adv = torch.randn(N, generator=gen).to(DEVICE)
+    ref = (logp + torch.randn(N, generator=gen).to(DEVICE) * 0.7).contiguous()
+    eps_low, eps_high = 0.15, 0.28
+    out, scalars = _probe_terms(logp, old, adv, ref, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                                kind=kind)
+
+    x = logp.clone().requires_grad_(True)
+    loss, ratio, clipped, dual = reference._ppo_policy_terms(x, old, adv, torch.ones(N, device=DEVICE), eps_low,
+                                                             eps_high, dual_clip)
+    (d_loss,) = torch.autograd.grad(loss.sum(), x)
+    assert clipped.any() and (~clipped).any()
+    torch.testing.assert_close(out[0], loss.detach())
+    torch.testing.assert_close(out[1], d_loss)
+    torch.testing.assert_close(out[2], ratio.detach())
+    assert torch.equal(out[3].bool(), clipped)
+    if dual_clip is None:
+        assert not out[4].bool().any()
+    else:
+        assert dual.any() and torch.equal(out[4].bool(), dual)
+    torch.testing.assert_close(scalars[:2], torch.stack([out[0, 0], out[1, 0]]))
+
+    if kind is None:
+        assert (out[5:9] == 0).all()
+        return
+    x = logp.clone().requires_grad_(True)
+    kl = reference.kl_penalty(x, ref, kind)
+    (d_kl,) = torch.autograd.grad(kl.sum(), x)
+    for row in (5, 7):
+        torch.testing.assert_close(out[row], kl.detach())
+    for row in (6, 8):
+        torch.testing.assert_close(out[row], d_kl)
+    torch.testing.assert_close(scalars[2:], torch.stack([out[5, 0], out[6, 0]]))
+
+
+def test_kl_k1_derivative_is_one_at_infinite_diff():
+    inf = float("inf")
+    logp = torch.tensor([inf, -inf, 0.5, -inf], device=DEVICE)
+    ref = torch.tensor([0.0, 0.0, 0.25, 0.0], device=DEVICE)
+    zeros = torch.zeros(4, device=DEVICE)
+    out, scalars = _probe_terms(logp, zeros, zeros, ref, eps_low=0.2, eps_high=0.2, dual_clip=None, kind="k1")
+    assert torch.equal(out[6], torch.ones(4, device=DEVICE))  # not 1 + 0 * inf = NaN
+    assert torch.equal(out[8], torch.ones(4, device=DEVICE))
+    assert scalars[3] == 1.0
+
+
+def test_row_config_is_one_table_for_both_kernels():
+    """Both launchers take (BLOCK_V, num_warps) from _rows.row_config: V and dtype only."""
+    for V in (1, 7, 300, 1271, 9000, 128256):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            block, warps = row_config(V, dtype)
+            assert block & (block - 1) == 0 and 16 <= block <= 4096 and warps in (2, 4, 8)
+            assert block >= min(V, 2048)
+    assert row_config(128256, torch.bfloat16) == (4096, 8) and row_config(128256, torch.float32) == (2048, 8)
+    assert not hasattr(pfl_kernels, "_row_config")
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_all_neg_inf_row_entropy_is_zero(counted):
+    """A row of only -inf logits: entropy 0 (the reference's), never NaN; uncounted, the loss and the
+    gradient stay finite; counted, the entropy stat matches the reference (logp is NaN in both)."""
+    logits, labels, old, adv, mask, ref = make_inputs(B=2, T=3, seed=21, holes=False, ignore=False)
+    logits[1, 2] = float("-inf")
+    mask[1, 2] = 1.0 if counted else 0.0
+    w = mask / mask.sum()
+    grad = torch.empty_like(logits)
+    loss, logp, ent, stats = pfl_kernels.ppo_from_logits_fwd(
+        logits, labels, old, adv, w, mask, ref, grad, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
+        kl_coef=0.1, kl_kind="k3", entropy_coef=0.05, ignore_index=-100)
+    assert ent[1, 2] == 0.0
+    assert torch.isfinite(ent).all()
+    _, stats_r = reference.ppo_loss_from_logits(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                entropy_coef=0.05)
+    entropy_stat = stats[pfl_kernels.STAT_NAMES.index("entropy")]
+    assert torch.isfinite(entropy_stat)
+    assert_close(entropy_stat, stats_r["entropy"])
+    if not counted:
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[1, 2] == 0).all()
+    else:
+        assert torch.isnan(logp[1, 2]) and torch.isnan(stats_r["logprobs"][1, 2])
+
+
+_SELF_COPY = (
+    # C++ (CPU) inductor kernels: a value loaded from in_out_ptr0 stored back unchanged.
+    r"auto (tmp\d+) = [^;]*in_out_ptr0[^;]*;\s*\1\.store\(in_out_ptr0",
+    r"auto (tmp\d+) = in_out_ptr0\[[^\]]*\];\s*in_out_ptr0\[[^\]]*\] = \1;",
+    # Triton (GPU) inductor kernels.
+    r"(tmp\d+) = tl\.load\(in_out_ptr0[^\n]*\n\s*tl\.store\(in_out_ptr0[^,]*, \1\b",
+)
+
+
+def test_torch_compile_backward_has_no_self_copy():
+    """Inductor's output code: grad_output is folded in by one fused multiply, with no copy of the
+    [N, V] gradient into itself (what functionalizing the in-place scale op gave) and no call of
+    the mutating op."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    logits, labels, old, adv, mask, _ = make_inputs(B=2, T=3, seed=22)
+
+    def step(x):
+        loss, _ = ppo_loss_from_logits(x * 1.5, labels, old, adv, mask, backend="triton")
+        return loss * 2.0
+
+    x = logits.clone().requires_grad_(True)
+    x_e = logits.clone().requires_grad_(True)
+    step(x_e).backward()
+    # Caches off: a cached graph would replay code traced before any change to the backward.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(step, fullgraph=True)
+        _, codes = run_and_get_code(lambda: compiled(x).backward())
+    code = "\n".join(codes)
+    assert "ppo_loss_from_logits_fwd" in code and len(codes) >= 2  # forward and backward captured
+    assert "ppo_loss_from_logits_scale_grad_" not in code
+    for pattern in _SELF_COPY:
+        assert not re.search(pattern, code), pattern
+    assert_close(x.grad, x_e.grad)
+
+
+# ----------------------------------------------------------------------------------------------
 # Dispatch and bad input
 
 
 def test_stat_layout_matches_kernel():
-    import rlhf_fast.ppo_from_logits as mod
     from rlhf_fast.kernels import ppo_from_logits as kernels
+
+    import rlhf_fast.ppo_from_logits as mod
 
     assert mod._STAT_NAMES == kernels.STAT_NAMES and mod._N_STATS == kernels.N_STATS
 

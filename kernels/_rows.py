@@ -1,0 +1,92 @@
+"""Row-wise softmax statistics shared by the vocabulary-row kernels (log-probs, PPO from logits).
+
+`@triton.jit` helpers (inlined into the caller; x = logits / temperature in fp32):
+    row_online_stats(row_ptr, n_cols, inv_temperature, WITH_ENTROPY, BLOCK_V, EVICTION)
+        -> (m, s, t): one pass over row_ptr[0:n_cols] in BLOCK_V chunks with an online
+        running max m, s = sum_j exp(x_j - m) and (WITH_ENTROPY) t = sum_j exp(x_j - m) (x_j - m),
+        rescaled whenever the running max moves. -inf entries contribute exactly 0 (never NaN);
+        n_cols = 0 (a row the caller skips) gives (-inf, 0, 0). EVICTION is the load's
+        eviction_policy ("" default; "evict_last" when the caller reads the row again).
+    row_lse_entropy(m, s, t) -> (lse, entropy): lse = m + log s and H = log s - t / s, safe where
+        s == 0 (nothing read, or a row of only -inf): lse = m (= -inf) and H = 0 -- the
+        reference's entropy (p > 0 guard) of such a row -- with no log(0) or 0/0 on the way.
+
+Launcher-side:
+    row_config(V, dtype) -> (BLOCK_V, num_warps), from V and the dtype only (never the number of
+        rows), so a row's result is bitwise the same whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_BLOCK_V", "WARPS_BY_BLOCK", "row_config", "row_lse_entropy", "row_online_stats"]
+
+# ---- launch-config table (the single place to tune) --------------------------------------------
+# Widest chunk of a row per loop iteration, by logits dtype: 8 KB of logits per chunk.
+# ANCHORS.md calibrated 2048-wide blocks with 8 warps at 90-96% of copy bandwidth on H100 (8
+# elements per thread per load: 32 B fp32, 16 B for 16-bit types); 4096 x 16-bit keeps the bytes
+# per chunk of the fp32 case. Compiled for sm_90 (Triton 3.9 ptxas): 63 registers for the fused PPO kernel at
+# 4096 x bf16, 32 for the log-prob forward, no spills. Not yet
+# timed on an H100 in this project: a GPU session tunes these two tables (and nothing else).
+MAX_BLOCK_V = {torch.float32: 2048, torch.bfloat16: 4096, torch.float16: 4096}
+# (smallest BLOCK_V, num_warps), first match wins.
+WARPS_BY_BLOCK = ((2048, 8), (512, 4), (0, 2))
+_MIN_BLOCK_V = 16
+
+
+def row_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of V elements of `dtype` (depends on V and dtype only)."""
+    block = min(triton.next_power_of_2(max(int(V), _MIN_BLOCK_V)), MAX_BLOCK_V.get(dtype, 2048))
+    for min_block, warps in WARPS_BY_BLOCK:
+        if block >= min_block:
+            return block, warps
+    return block, WARPS_BY_BLOCK[-1][1]
+
+
+@triton.jit
+def row_online_stats(
+    row_ptr,
+    n_cols,
+    inv_temperature,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    EVICTION: tl.constexpr = "",
+):
+    """(m, s, t) of row_ptr[0:n_cols] / temperature; see the module docstring."""
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    t = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_ptr + offs, mask=offs < n_cols, other=-float("inf"), eviction_policy=EVICTION)
+        x = x.to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # A running max of -inf (everything so far masked) would give (-inf) - (-inf) = NaN:
+        # shift by 0 instead; the sums are 0 in that case so nothing else changes.
+        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = x - m_shift
+        e = tl.exp(d)
+        alpha = tl.exp(m - m_shift)
+        if WITH_ENTROPY:
+            # Re-centre the old sum of e (x - m) on the new max: alpha (t + s (m - m_new));
+            # 0 while s == 0 (m = -inf). Where e == 0 (x = -inf) the term is 0, not 0 * -inf.
+            shift = tl.where(s > 0.0, m - m_shift, 0.0)
+            t = alpha * (t + s * shift) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    return m, s, t
+
+
+@triton.jit
+def row_lse_entropy(m, s, t):
+    """(lse, entropy) from row_online_stats' (m, s, t); lse = -inf and entropy 0 where s == 0."""
+    # log(1) where s == 0 keeps log(0) and 0/0 out of the arithmetic.
+    s_safe = tl.where(s > 0.0, s, 1.0)
+    log_s = tl.log(s_safe)
+    lse = m + log_s
+    ent = tl.where(s > 0.0, log_s - t / s_safe, 0.0)
+    return lse, ent

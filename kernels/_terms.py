@@ -1,0 +1,117 @@
+"""Per-token loss terms shared by the Triton kernels (`@triton.jit` helpers, no launchers).
+
+Every helper works elementwise on a scalar or on a block of any shape, in fp32, and is inlined
+into the calling kernel. Masking (uncounted tokens, padding lanes) is the caller's job: pass a
+safe input there (e.g. log-ratio 0, diff 0) so no helper ever evaluates exp() of garbage.
+
+KL estimators (`KL_KIND` is a constexpr code from `KL_CODES`; `diff = logp - ref`):
+    kl_term(diff, KL_KIND)          -> (kl, dkl/dlogp)
+    kl_value(logp, ref, KL_KIND)    -> kl
+    kl_dlogp(logp, ref, KL_KIND)    -> dkl/dlogp
+        KL_NONE (0): kl = 0,                    dkl = 0
+        k1  (1):     kl = diff,                 dkl = 1   (also at diff = +-inf, never NaN)
+        k2  (2):     kl = diff^2 / 2,           dkl = diff
+        k3  (3):     kl = exp(-diff) + diff - 1, dkl = 1 - exp(-diff)
+        abs (4):     kl = |diff|,               dkl = sign(diff)  (0 at diff = 0)
+    `KL_CODES` maps every name accepted by the public API (rlhf_fast.reference.KL_KINDS: k1, k2,
+    k3, abs and the aliases kl, mse, low_var_kl) to its code; launchers pass
+    `KL_CODES[kind]` as the constexpr (or KL_NONE when no KL term is wanted).
+
+PPO clipped surrogate (ONE convention for the clip arguments: eps_low / eps_high, the distances
+below and above 1, NOT the ratio bounds 1 - eps_low / 1 + eps_high; `log_ratio = logp - old`):
+    ppo_clip_term(log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL)
+        -> (loss, dloss/dlogp, ratio, clipped, dual_active)
+        ratio = exp(log_ratio)
+        loss  = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))
+        HAS_DUAL (constexpr) and A < 0:  loss = min(loss, -dual_clip A)
+        clipped:     the clipped branch is strictly larger (counts towards clipfrac)
+        dual_active: the dual-clip bound is strictly smaller and A < 0 (dual_clipfrac)
+        dloss/dlogp: -A ratio, or 0 where `clipped` or `dual_active` (the active term is then
+            constant in logp). Ties take the unclipped branch, as autograd through the reference
+            does (inside the clip range both branches agree and their gradient halves add up).
+            A NaN log-ratio gives a NaN loss and a NaN derivative.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from rlhf_fast.reference import KL_KINDS
+
+KL_NONE, KL_K1, KL_K2, KL_K3, KL_ABS = 0, 1, 2, 3, 4
+_CANONICAL_CODES = {"k1": KL_K1, "k2": KL_K2, "k3": KL_K3, "abs": KL_ABS}
+# name or alias (rlhf_fast.reference.KL_KINDS) -> constexpr code
+KL_CODES = {name: _CANONICAL_CODES[canonical] for name, canonical in KL_KINDS.items()}
+
+__all__ = [
+    "KL_ABS",
+    "KL_CODES",
+    "KL_K1",
+    "KL_K2",
+    "KL_K3",
+    "KL_NONE",
+    "kl_dlogp",
+    "kl_term",
+    "kl_value",
+    "ppo_clip_term",
+]
+
+
+@triton.jit
+def kl_term(diff, KL_KIND: tl.constexpr):
+    """(kl, dkl/dlogp) of the estimator KL_KIND at diff = logp - ref (fp32, scalar or block)."""
+    if KL_KIND == 1:  # k1
+        kl = diff
+        d_kl = tl.full(diff.shape, 1.0, tl.float32)
+    elif KL_KIND == 2:  # k2
+        kl = 0.5 * diff * diff
+        d_kl = diff
+    elif KL_KIND == 3:  # k3 (low-variance)
+        e = tl.exp(-diff)
+        kl = e + diff - 1.0
+        d_kl = 1.0 - e
+    elif KL_KIND == 4:  # abs
+        kl = tl.abs(diff)
+        d_kl = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
+    else:  # KL_NONE
+        kl = tl.full(diff.shape, 0.0, tl.float32)
+        d_kl = kl
+    return kl, d_kl
+
+
+@triton.jit
+def kl_value(logp, ref, KL_KIND: tl.constexpr):
+    """kl(logp, ref) of the estimator KL_KIND (fp32)."""
+    kl, _ = kl_term(logp - ref, KL_KIND)
+    return kl
+
+
+@triton.jit
+def kl_dlogp(logp, ref, KL_KIND: tl.constexpr):
+    """d kl(logp, ref) / d logp of the estimator KL_KIND (fp32)."""
+    _, d_kl = kl_term(logp - ref, KL_KIND)
+    return d_kl
+
+
+@triton.jit
+def ppo_clip_term(log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL: tl.constexpr):
+    """PPO clipped surrogate at one token (fp32, scalar or block); see the module docstring.
+
+    Returns (loss, dloss/dlogp, ratio, clipped, dual_active). eps_low / eps_high are the clip
+    widths (ratio bounds 1 - eps_low, 1 + eps_high); dual_clip is read only when HAS_DUAL.
+    """
+    ratio = tl.exp(log_ratio)
+    loss_plain = -adv * ratio
+    loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = loss_clipped > loss_plain
+    loss = tl.maximum(loss_plain, loss_clipped)
+    d_loss = tl.where(clipped, 0.0, loss_plain)  # d(-A r)/dlogp = -A r
+    if HAS_DUAL:
+        bound = -dual_clip * adv
+        dual_active = (adv < 0.0) & (loss > bound)
+        loss = tl.where(dual_active, bound, loss)
+        d_loss = tl.where(dual_active, 0.0, d_loss)
+    else:
+        dual_active = clipped & False
+    return loss, d_loss, ratio, clipped, dual_active
