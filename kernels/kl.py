@@ -4,10 +4,12 @@ All math is on the difference d = logp - ref (fp32, after upcasting each input):
     k1  = d                          dk1/dlogp = 1
     k2  = d^2 / 2                    dk2/dlogp = d
     k3  = exp(-d) + d - 1            dk3/dlogp = 1 - exp(-d)
-          (written as exp(ref - logp) - (ref - logp) - 1, the usual "low_var_kl" form)
+          (= exp(ref - logp) - (ref - logp) - 1, the usual "low_var_kl" form)
     abs = |d|                        dabs/dlogp = sign(d)  (0 at d == 0, like torch.abs)
-and d(kind)/dref = -d(kind)/dlogp. With a clamp c the value is clamped to [-c, c] and the gradient
-is zero where the unclamped value lies strictly outside [-c, c] (torch.clamp's convention).
+and d(kind)/dref = -d(kind)/dlogp. The formulas are the shared @triton.jit helpers of
+rlhf_fast.kernels._terms (kl_term / kl_value, constexpr codes KL_CODES), the same ones the fused
+PPO-from-logits kernel uses. With a clamp c the value is clamped to [-c, c] and the gradient is
+zero where the unclamped value lies strictly outside [-c, c] (torch.clamp's convention).
 
 kl_penalty is elementwise over any shape (the launcher flattens contiguous copies): one read of
 each input and one fp32 write forward; the backward reads grad_output and both inputs and writes
@@ -26,41 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-KIND_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+from rlhf_fast._backend import kernel_mask
+
+from ._terms import KL_CODES, kl_term, kl_value
 
 # Elementwise kernels: 4096 elements per program, 8 warps -> 16 fp32 per thread per tensor, enough
 # loads in flight to saturate HBM on H100 while keeping the grid large for small inputs.
 _ELEM_BLOCK = 4096
 _ELEM_WARPS = 8
-
-
-@triton.jit
-def _kl_value(logp, ref, KIND: tl.constexpr):
-    d = logp - ref
-    if KIND == 0:
-        k = d
-    elif KIND == 1:
-        k = 0.5 * d * d
-    elif KIND == 2:
-        neg = ref - logp
-        k = tl.exp(neg) - neg - 1.0
-    else:
-        k = tl.abs(d)
-    return k
-
-
-@triton.jit
-def _kl_dlogp(logp, ref, KIND: tl.constexpr):
-    d = logp - ref
-    if KIND == 0:
-        g = tl.full(d.shape, 1.0, tl.float32)
-    elif KIND == 1:
-        g = d
-    elif KIND == 2:
-        g = 1.0 - tl.exp(ref - logp)
-    else:
-        g = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
-    return g
 
 
 @triton.jit
@@ -79,7 +54,7 @@ def _kl_fwd_kernel(
     valid = offs < n_elements
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    k = _kl_value(logp, ref, KIND)
+    k = kl_value(logp, ref, KIND)
     if HAS_CLAMP:
         k = tl.minimum(tl.maximum(k, -clamp_val), clamp_val)
     tl.store(out_ptr + offs, k, mask=valid)
@@ -106,9 +81,8 @@ def _kl_bwd_kernel(
     go = tl.load(grad_out_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    g = _kl_dlogp(logp, ref, KIND)
+    k, g = kl_term(logp - ref, KIND)
     if HAS_CLAMP:
-        k = _kl_value(logp, ref, KIND)
         g = tl.where((k >= -clamp_val) & (k <= clamp_val), g, 0.0)
     g = g * go
     if WRITE_LOGP:
@@ -162,7 +136,7 @@ def _shape_rewards_kernel(
         # Loads predicated on `valid` only (not on the data-dependent mask) so they stay vectorised.
         logp = tl.load(logp_row + offs * logp_stride_t, mask=valid, other=0.0).to(tl.float32)
         ref = tl.load(ref_row + offs * ref_stride_t, mask=valid, other=0.0).to(tl.float32)
-        k = _kl_value(logp, ref, KIND)
+        k = kl_value(logp, ref, KIND)
         r = tl.where(counted, -kl_coef * k * m, 0.0)
         r = tl.where(offs == last_idx, r + score, r)
         tl.store(out_row + offs, r, mask=valid)
@@ -190,7 +164,7 @@ def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str, cl
         out,
         n,
         0.0 if clamp is None else float(clamp),
-        KIND=KIND_CODES[kind],
+        KIND=KL_CODES[kind],
         HAS_CLAMP=clamp is not None,
         BLOCK=_ELEM_BLOCK,
         num_warps=_ELEM_WARPS,
@@ -226,7 +200,7 @@ def kl_backward(
         grad_ref if need_ref else ref,
         n,
         0.0 if clamp is None else float(clamp),
-        KIND=KIND_CODES[kind],
+        KIND=KL_CODES[kind],
         HAS_CLAMP=clamp is not None,
         WRITE_LOGP=need_logp,
         WRITE_REF=need_ref,
@@ -234,11 +208,6 @@ def kl_backward(
         num_warps=_ELEM_WARPS,
     )
     return grad_logp, grad_ref
-
-
-def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
-    # bool tensors go to Triton as uint8 (same bytes, zero-copy view); other dtypes load as they are.
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def shape_rewards_forward(
@@ -254,7 +223,7 @@ def shape_rewards_forward(
     out = torch.empty((B, T), dtype=torch.float32, device=logprobs.device)
     if B == 0 or T == 0:
         return out
-    m = _mask_for_kernel(mask)
+    m = kernel_mask(mask)
     scores = scores.contiguous()
     block_t = min(triton.next_power_of_2(T), 2048)
     _shape_rewards_kernel[(B,)](
@@ -271,7 +240,7 @@ def shape_rewards_forward(
         out,
         T,
         float(kl_coef),
-        KIND=KIND_CODES[kind],
+        KIND=KL_CODES[kind],
         BLOCK_T=block_t,
         num_warps=8 if block_t >= 2048 else 4,
     )

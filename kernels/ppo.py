@@ -1,6 +1,6 @@
 """PPO per-token policy loss and clipped value loss on [B, T] tensors: Triton kernels + launchers.
 
-Policy, per counted token (fp32; eps_low / eps_high; A = advantage):
+Policy, per counted token (fp32; A = advantage; the shared helper `_terms.ppo_clip_term`):
     r     = exp(logp - old)
     L     = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
     dL/dlogp = -A r, or 0 where the clipped branch is strictly active (r is then outside the
@@ -13,22 +13,36 @@ Value, per counted token (eps = clip_eps):
 At exact ties torch.maximum splits the gradient between the two branches; the branches' gradients
 are then equal (or the tie is a measure-zero boundary case), so taking the unclipped branch matches.
 
-Every `aggregate` mode is a weighted sum  loss = sum_bt w_bt L_bt  with w_bt = m_bt * s_b, a
-per-row scale s_b that needs the global mask totals (token count, non-empty rows). So:
+Every `aggregate` mode is a weighted sum  loss = sum_bt w_bt L_bt  with w_bt = m_bt * s_b and a
+per-row scale s_b that depends on the mask alone (rlhf_fast.aggregation.aggregation_weights):
+    token-mean  1 / max(sum m, 1)         seq-mean-token-sum       1 / n_seqs
+    seq-mean-token-mean  1 / (max(sum_t m_bt, 1) n_seqs)   seq-mean-token-sum-norm  1 / (n_seqs H)
+(n_seqs = max(#rows with sum_t m_bt > 0, 1)). So the weights are known before the loss, and the
+forward writes the FINAL gradient w * dL/dx, in the input's dtype:
 
-  1. forward kernel (one pass, grid over [BLOCK_B, BLOCK_T] tiles): reads logp, old, A, mask
-     once; writes g = m * dL/dlogp (fp32, unscaled) and, per (row, tile), the partial sums
-     sum m L, sum m and the stat numerators (+ a per-(row, tile) max for ratio_max);
-  2. finalize kernel (one program, a few KB): reduces the partials in a fixed order (no atomics,
-     deterministic) into the loss, the stats and the row scales s_b;
-  3. backward kernel: grad = g * s_b * grad_output, cast to the input dtype.
+  1. `_mask_row_sums_kernel` (grid over row blocks): reads the mask once -> counts_b = sum_t m_bt;
+  2. `_row_scale_kernel` (one program, reads B floats): -> s_b and sum m (for the stat means);
+  3. `_ppo_fwd_kernel` (grid over [BLOCK_B, BLOCK_T] tiles, shared by both losses): reads
+     x, x_old, A or R, mask once; writes grad = w * dL/dx and per-tile partial sums (sum w L and
+     the stat numerators, plus a per-tile max ratio);
+  4. `_finalize_kernel` (one program, a few KB): reduces the partials in a fixed order into the
+     loss and the stats (deterministic, no atomics).
+Backward scales the saved gradient in place by grad_output with the shared in-place kernel of
+rlhf_fast.kernels.ppo_from_logits (`scale_grad_`): every program loads grad_output from its pointer
+and returns at once when it is 1, so the common `loss.backward()` moves no [B, T] bytes and never
+syncs with the host. (In place: a second backward through the same graph would scale twice; the
+autograd wrappers in rlhf_fast/ppo.py detect it and raise.)
 
-Why save g rather than recompute in the backward: saving costs forward 4 reads + 1 write and
-backward 1 read + 1 write (7 [B, T] passes); recomputing costs forward 4 reads and backward
-4 reads + 1 write (9 passes). grad_output is only known in the backward, so one read + write of
-a [B, T] buffer there is unavoidable either way. Uncounted tokens go through tl.where (never a
-multiply by 0), so inf/NaN from huge log-prob differences there never reach the loss or gradient.
-Offsets are int64.
+Bytes for [B, T] = [1024, 8192] fp32 inputs and gradient (32 MiB per [B, T] fp32 array):
+    bool mask:  forward 8 (mask sums) + 3 * 32 + 8 (inputs) + 32 (grad) = 144 MiB; backward ~0.
+    fp32 mask:  forward 32 + 4 * 32 + 32 = 192 MiB; backward ~0 (grad_output == 1).
+The second read of the mask is the price of weights that depend on global mask totals; the
+alternative, saving an unscaled gradient and scaling it by s_b * grad_output in the backward,
+costs a read + write of a [B, T] fp32 buffer (64 MiB here) in every backward instead.
+
+Uncounted tokens go through tl.where (never a multiply by 0) and get log-ratio 0, so inf/NaN from
+huge log-prob differences or poisoned values there never reach the loss or gradient. Offsets are
+int64.
 """
 
 from __future__ import annotations
@@ -37,25 +51,37 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast._backend import kernel_mask
+
+from ._terms import ppo_clip_term
+from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
+
 AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
 
-# Partial-sum rows written by the forward kernels (row 0 and 1 are shared by both losses).
-POLICY_NSTAT = 6  # sum mL, sum m, clipped, old - logp, ratio, dual-clipped
-VALUE_NSTAT = 4  # sum mL, sum m, vf-clipped, v
-# Finalize output layout: [loss, means of partial rows 2.., (max)]; rlhf_fast/ppo.py's _POLICY_OUT
-# and _VALUE_OUT name the same entries (kept there too so the package imports without triton).
-POLICY_STATS = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")
+# LOSS mode switch of the shared forward kernel.
+POLICY, VALUE = 0, 1
+# Per-tile partial-sum planes: 0 = sum w L, then the numerators of the stat means (sum m * stat).
+# Stats vector layout (rlhf_fast/ppo.py's _POLICY_STATS / _VALUE_STATS name the same entries; kept
+# there too so that the package imports without triton).
+POLICY_STATS = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")  # last: a max
 VALUE_STATS = ("vf_clipfrac", "vpred_mean")
+_N_SUMS = {POLICY: 5, VALUE: 3}  # loss + the mean stats
+_HAS_MAX = {POLICY: True, VALUE: False}
 
-# 2048 elements per program, 8 warps: 8 elements of each of the 4 inputs per thread in flight
-# (128-bit loads for fp32) with room in registers for the ~10 live fp32 temporaries.
+# Forward tiles: 2048 elements per program, 8 warps: 8 elements of each of the 4 inputs per thread
+# in flight (128-bit loads for fp32) with room in registers for the ~10 live fp32 temporaries.
 _TILE = 2048
 _WARPS = 8
+# Mask row sums: 8192 elements per loop iteration (8 KB of a bool mask, 32 KB of a float one).
+_COUNT_TILE = 8192
+_COUNT_WARPS = 8
+# Lanes of the one-program reductions (row scales over B, finalize over the tiles).
+_REDUCE_BLOCK = 1024
 
 
-def _tile_config(B: int, T: int) -> tuple[int, int]:
-    block_t = min(triton.next_power_of_2(max(T, 1)), _TILE)
-    block_b = min(max(_TILE // block_t, 1), triton.next_power_of_2(max(B, 1)))
+def _tile_config(B: int, T: int, tile: int) -> tuple[int, int]:
+    block_t = min(triton.next_power_of_2(max(T, 1)), tile)
+    block_b = min(max(tile // block_t, 1), triton.next_power_of_2(max(B, 1)))
     return block_b, block_t
 
 
@@ -67,28 +93,111 @@ def _tile_offsets(B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _ppo_policy_fwd_kernel(
-    logp_ptr,
-    logp_sb,
-    logp_st,
-    old_ptr,
-    old_sb,
-    old_st,
-    adv_ptr,
-    adv_sb,
-    adv_st,
+def _load_tile(ptr, stride_b, stride_t, rows, cols, valid):
+    """fp32 tile ptr[rows, cols] (rows [BLOCK_B], cols [BLOCK_T] int64), 0 outside `valid`.
+    Predicated on `valid` only (never on the data-dependent mask) so the loads vectorise."""
+    return tl.load(ptr + rows[:, None] * stride_b + cols[None, :] * stride_t, mask=valid, other=0).to(tl.float32)
+
+
+@triton.jit
+def _tile_sum(x):
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _mask_row_sums_kernel(
     mask_ptr,
     mask_sb,
     mask_st,
-    grad_ptr,  # [B, T] fp32: m * dL/dlogp (before the aggregation scale)
-    part_ptr,  # [NSTAT, B, NB] fp32 per-(row, tile) sums
-    max_ptr,  # [B, NB] fp32 per-(row, tile) max ratio over counted tokens (-inf if none)
+    counts_ptr,  # [B] fp32 out: sum_t m_bt
     B,
     T,
-    NB,
-    clip_low,
-    clip_high,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    lanes = tl.arange(0, BLOCK_T).to(tl.int64)
+    acc = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + lanes
+        acc += _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, row_ok[:, None] & (cols < T)[None, :])
+    tl.store(counts_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _row_scale_kernel(
+    counts_ptr,  # [B] fp32
+    scale_ptr,  # [B] fp32 out: s_b (w_bt = m_bt * s_b)
+    total_ptr,  # [1] fp32 out: sum m (denominator of the stat means)
+    B,
+    horizon,
+    AGG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program, fixed summation order: deterministic.
+    lanes = tl.arange(0, BLOCK)
+    acc_m = tl.zeros((BLOCK,), tl.float32)
+    acc_rows = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, B, BLOCK):
+        c = tl.load(counts_ptr + start + lanes, mask=start + lanes < B, other=0.0)
+        acc_m += c
+        acc_rows += tl.where(c > 0.0, 1.0, 0.0)
+    total_m = tl.sum(acc_m, axis=0)
+    n_seqs = tl.maximum(tl.sum(acc_rows, axis=0), 1.0)
+    tl.store(total_ptr, total_m)
+    if AGG == 0:
+        s = 1.0 / tl.maximum(total_m, 1.0)
+    elif AGG == 3:
+        s = 1.0 / (n_seqs * horizon)
+    else:
+        s = 1.0 / n_seqs
+    for start in range(0, B, BLOCK):
+        rows = start + lanes
+        if AGG == 2:
+            c = tl.load(counts_ptr + rows, mask=rows < B, other=0.0)
+            scale = 1.0 / (tl.maximum(c, 1.0) * n_seqs)
+        else:
+            scale = tl.zeros((BLOCK,), tl.float32) + s
+        tl.store(scale_ptr + rows, scale, mask=rows < B)
+
+
+@triton.jit
+def _value_clip_term(v, v_old, ret, clip_eps):
+    """(L, dL/dv, clipped) of the clipped value loss (fp32, any shape)."""
+    v_clipped = tl.maximum(tl.minimum(v, v_old + clip_eps), v_old - clip_eps)
+    err = v - ret
+    err_clipped = v_clipped - ret
+    sq = err * err
+    sq_clipped = err_clipped * err_clipped
+    clipped = sq_clipped > sq
+    return 0.5 * tl.maximum(sq, sq_clipped), tl.where(clipped, 0.0, err), clipped
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    x_ptr,  # logprobs | values: the differentiable input
+    x_sb,
+    x_st,
+    a_ptr,  # old_logprobs | old_values
+    a_sb,
+    a_st,
+    b_ptr,  # advantages | returns
+    b_sb,
+    b_st,
+    mask_ptr,
+    mask_sb,
+    mask_st,
+    scale_ptr,  # [B] fp32 row scales s_b
+    grad_ptr,  # [B, T] contiguous, x's dtype: w * dL/dx
+    part_ptr,  # [N_SUMS (+1 max plane), n_tiles] fp32 per-tile partials
+    B,
+    T,
+    n_tiles,
+    clip_low,  # policy: eps_low; value: clip_eps
+    clip_high,  # policy: eps_high
     dual_clip,
+    LOSS: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -96,236 +205,156 @@ def _ppo_policy_fwd_kernel(
 ):
     rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
     valid = row_ok[:, None] & col_ok[None, :]
-    r2 = rows[:, None]
-    c2 = cols[None, :]
-    # Loads are predicated on `valid` only (not on the data-dependent mask) so they vectorise.
-    m = tl.load(mask_ptr + r2 * mask_sb + c2 * mask_st, mask=valid, other=0).to(tl.float32)
-    logp = tl.load(logp_ptr + r2 * logp_sb + c2 * logp_st, mask=valid, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + r2 * old_sb + c2 * old_st, mask=valid, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + r2 * adv_sb + c2 * adv_st, mask=valid, other=0.0).to(tl.float32)
+    m = _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid)
+    x = _load_tile(x_ptr, x_sb, x_st, rows, cols, valid)
+    a = _load_tile(a_ptr, a_sb, a_st, rows, cols, valid)
+    b = _load_tile(b_ptr, b_sb, b_st, rows, cols, valid)
     counted = m != 0.0
+    w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
 
-    log_ratio = logp - old
-    ratio = tl.exp(log_ratio)
-    ratio_clipped = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    loss_plain = -adv * ratio
-    loss_clipped = -adv * ratio_clipped
-    clipped = loss_clipped > loss_plain
-    loss = tl.maximum(loss_plain, loss_clipped)
-    dloss = tl.where(clipped, 0.0, loss_plain)  # d(-A r)/dlogp = -A r
-    if HAS_DUAL:
-        bound = -dual_clip * adv
-        dual = (adv < 0.0) & (loss > bound)
-        loss = tl.where(dual, bound, loss)
-        dloss = tl.where(dual, 0.0, dloss)
+    if LOSS == 0:  # policy: x = logp, a = old, b = A
+        # Log-ratio 0 at uncounted tokens: exp() of a garbage difference there never runs.
+        log_ratio = tl.where(counted, x - a, 0.0)
+        loss, dloss, ratio, clipped, dual_active = ppo_clip_term(log_ratio, b, clip_low, clip_high, dual_clip, HAS_DUAL)
+        mean_term = -log_ratio  # approx_kl = masked mean of old - logp
+    else:  # value: x = v, a = v_old, b = R
+        loss, dloss, clipped = _value_clip_term(x, a, b, clip_low)
+        mean_term = x  # vpred_mean
 
     if WRITE_GRAD:
-        tl.store(grad_ptr + r2 * T + c2, tl.where(counted, dloss * m, 0.0), mask=valid)
+        grad = tl.where(counted, w * dloss, 0.0)
+        tl.store(grad_ptr + rows[:, None] * T + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
-    stat_offs = rows * NB + tl.program_id(1)
-    plane = B * NB
-    tl.store(part_ptr + stat_offs, tl.sum(tl.where(counted, loss * m, 0.0), axis=1), mask=row_ok)
-    tl.store(part_ptr + plane + stat_offs, tl.sum(m, axis=1), mask=row_ok)
-    tl.store(part_ptr + 2 * plane + stat_offs, tl.sum(tl.where(counted & clipped, m, 0.0), axis=1), mask=row_ok)
-    tl.store(part_ptr + 3 * plane + stat_offs, tl.sum(tl.where(counted, -log_ratio * m, 0.0), axis=1), mask=row_ok)
-    tl.store(part_ptr + 4 * plane + stat_offs, tl.sum(tl.where(counted, ratio * m, 0.0), axis=1), mask=row_ok)
-    if HAS_DUAL:
-        tl.store(part_ptr + 5 * plane + stat_offs, tl.sum(tl.where(counted & dual, m, 0.0), axis=1), mask=row_ok)
-    else:
-        tl.store(part_ptr + 5 * plane + stat_offs, tl.zeros((BLOCK_B,), tl.float32), mask=row_ok)
-    tl.store(max_ptr + stat_offs, tl.max(tl.where(counted, ratio, -float("inf")), axis=1), mask=row_ok)
-
-
-@triton.jit
-def _ppo_value_fwd_kernel(
-    v_ptr,
-    v_sb,
-    v_st,
-    vold_ptr,
-    vold_sb,
-    vold_st,
-    ret_ptr,
-    ret_sb,
-    ret_st,
-    mask_ptr,
-    mask_sb,
-    mask_st,
-    grad_ptr,
-    part_ptr,  # [NSTAT, B, NB]
-    B,
-    T,
-    NB,
-    clip_eps,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
-    valid = row_ok[:, None] & col_ok[None, :]
-    r2 = rows[:, None]
-    c2 = cols[None, :]
-    m = tl.load(mask_ptr + r2 * mask_sb + c2 * mask_st, mask=valid, other=0).to(tl.float32)
-    v = tl.load(v_ptr + r2 * v_sb + c2 * v_st, mask=valid, other=0.0).to(tl.float32)
-    v_old = tl.load(vold_ptr + r2 * vold_sb + c2 * vold_st, mask=valid, other=0.0).to(tl.float32)
-    ret = tl.load(ret_ptr + r2 * ret_sb + c2 * ret_st, mask=valid, other=0.0).to(tl.float32)
-    counted = m != 0.0
-
-    v_clipped = tl.maximum(tl.minimum(v, v_old + clip_eps), v_old - clip_eps)
-    err = v - ret
-    err_clipped = v_clipped - ret
-    sq = err * err
-    sq_clipped = err_clipped * err_clipped
-    clipped = sq_clipped > sq
-    loss = 0.5 * tl.maximum(sq, sq_clipped)
-    dloss = tl.where(clipped, 0.0, err)
-
-    if WRITE_GRAD:
-        tl.store(grad_ptr + r2 * T + c2, tl.where(counted, dloss * m, 0.0), mask=valid)
-
-    stat_offs = rows * NB + tl.program_id(1)
-    plane = B * NB
-    tl.store(part_ptr + stat_offs, tl.sum(tl.where(counted, loss * m, 0.0), axis=1), mask=row_ok)
-    tl.store(part_ptr + plane + stat_offs, tl.sum(m, axis=1), mask=row_ok)
-    tl.store(part_ptr + 2 * plane + stat_offs, tl.sum(tl.where(counted & clipped, m, 0.0), axis=1), mask=row_ok)
-    tl.store(part_ptr + 3 * plane + stat_offs, tl.sum(tl.where(counted, v * m, 0.0), axis=1), mask=row_ok)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + tile, _tile_sum(tl.where(counted, w * loss, 0.0)))
+    tl.store(part_ptr + n_tiles + tile, _tile_sum(tl.where(counted & clipped, m, 0.0)))
+    tl.store(part_ptr + 2 * n_tiles + tile, _tile_sum(tl.where(counted, m * mean_term, 0.0)))
+    if LOSS == 0:
+        tl.store(part_ptr + 3 * n_tiles + tile, _tile_sum(tl.where(counted, m * ratio, 0.0)))
+        tl.store(part_ptr + 4 * n_tiles + tile, _tile_sum(tl.where(counted & dual_active, m, 0.0)))
+        tile_max = tl.max(tl.max(tl.where(counted, ratio, -float("inf")), axis=1), axis=0)
+        tl.store(part_ptr + 5 * n_tiles + tile, tile_max)
 
 
 @triton.jit
 def _finalize_kernel(
-    part_ptr,  # [NSTAT, B, NB]
-    max_ptr,  # [B, NB] (HAS_MAX)
-    scale_ptr,  # [B] out: per-row aggregation scale s_b (w_bt = m_bt * s_b)
-    out_ptr,  # [NSTAT - 1 + HAS_MAX] out: loss, masked means of partial rows 2.., max
-    B,
-    NB,
-    horizon,
-    NSTAT: tl.constexpr,
-    NSTAT_P2: tl.constexpr,
+    part_ptr,  # [N_SUMS (+1 max plane), n_tiles]
+    total_ptr,  # [1] sum m
+    loss_ptr,  # 0-d out
+    stats_ptr,  # [N_SUMS - 1 + HAS_MAX] out: sums 1.. / max(sum m, 1), then the max
+    n_tiles,
+    N_SUMS: tl.constexpr,
+    N_SUMS_P2: tl.constexpr,
     HAS_MAX: tl.constexpr,
-    AGG: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_NB: tl.constexpr,
 ):
     # One program; every sum runs in a fixed order, so the result is deterministic.
-    R = B * NB
-    k = tl.arange(0, NSTAT_P2)
+    k = tl.arange(0, N_SUMS_P2)
     r_lane = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((NSTAT_P2,), tl.float32)
-    ratio_max = -float("inf")
-    for start in range(0, R, BLOCK_R):
+    acc = tl.zeros((N_SUMS_P2, BLOCK_R), tl.float32)
+    run_max = tl.full((BLOCK_R,), -float("inf"), tl.float32)
+    for start in range(0, n_tiles, BLOCK_R):
         r = start + r_lane
-        ok = (k[:, None] < NSTAT) & (r[None, :] < R)
-        acc += tl.sum(tl.load(part_ptr + k[:, None] * R + r[None, :], mask=ok, other=0.0), axis=1)
+        ok = (k[:, None] < N_SUMS) & (r[None, :] < n_tiles)
+        acc += tl.load(part_ptr + k[:, None] * n_tiles + r[None, :], mask=ok, other=0.0)
         if HAS_MAX:
-            tile_max = tl.load(max_ptr + r, mask=r < R, other=-float("inf"))
-            ratio_max = tl.maximum(ratio_max, tl.max(tile_max, axis=0))
-    total_loss = tl.sum(tl.where(k == 0, acc, 0.0), axis=0)
-    total_m = tl.sum(tl.where(k == 1, acc, 0.0), axis=0)
-    token_denom = tl.maximum(total_m, 1.0)
-
-    b_lane = tl.arange(0, BLOCK_B)
-    nb_lane = tl.arange(0, BLOCK_NB)
-    if AGG == 0:
-        loss = total_loss / token_denom
-        row_scale = 1.0 / token_denom
-    else:
-        # Sequences with at least one counted token, and (seq-mean-token-mean) the sum of their
-        # per-sequence token means.
-        n_seqs = 0.0
-        seq_means = 0.0
-        for start in range(0, B, BLOCK_B):
-            rows = start + b_lane
-            ok = (rows[:, None] < B) & (nb_lane[None, :] < NB)
-            offs = rows[:, None] * NB + nb_lane[None, :]
-            tokens = tl.sum(tl.load(part_ptr + R + offs, mask=ok, other=0.0), axis=1)
-            n_seqs += tl.sum(tl.where(tokens > 0.0, 1.0, 0.0), axis=0)
-            if AGG == 2:
-                seq_loss = tl.sum(tl.load(part_ptr + offs, mask=ok, other=0.0), axis=1)
-                seq_means += tl.sum(tl.where(tokens > 0.0, seq_loss / tl.maximum(tokens, 1.0), 0.0), axis=0)
-        n_seqs = tl.maximum(n_seqs, 1.0)
-        if AGG == 1:
-            loss = total_loss / n_seqs
-            row_scale = 1.0 / n_seqs
-        elif AGG == 2:
-            loss = seq_means / n_seqs
-            row_scale = 1.0 / n_seqs  # times 1 / tokens_b below
-        else:
-            loss = total_loss / (n_seqs * horizon)
-            row_scale = 1.0 / (n_seqs * horizon)
-
-    for start in range(0, B, BLOCK_B):
-        rows = start + b_lane
-        if AGG == 2:
-            ok = (rows[:, None] < B) & (nb_lane[None, :] < NB)
-            offs = rows[:, None] * NB + nb_lane[None, :]
-            tokens = tl.sum(tl.load(part_ptr + R + offs, mask=ok, other=0.0), axis=1)
-            scale = row_scale / tl.maximum(tokens, 1.0)
-        else:
-            scale = tl.zeros((BLOCK_B,), tl.float32) + row_scale
-        tl.store(scale_ptr + rows, scale, mask=rows < B)
-
-    # out[0] = loss, out[k - 1] = acc[k] / max(sum m, 1) for k >= 2 (masked means, 0 when empty).
-    values = tl.where(k == 0, loss, acc / token_denom)
-    out_idx = tl.where(k == 0, 0, k - 1)
-    tl.store(out_ptr + out_idx, values, mask=(k != 1) & (k < NSTAT))
+            tile_max = tl.load(part_ptr + N_SUMS * n_tiles + r, mask=r < n_tiles, other=-float("inf"))
+            run_max = tl.maximum(run_max, tile_max)
+    sums = tl.sum(acc, axis=1)
+    denom = tl.maximum(tl.load(total_ptr), 1.0)
+    tl.store(loss_ptr, tl.sum(tl.where(k == 0, sums, 0.0), axis=0))
+    # stats[k - 1] = masked mean (0 for an empty mask); k - 1 = -1 is masked off.
+    tl.store(stats_ptr + k - 1, sums / denom, mask=(k >= 1) & (k < N_SUMS))
     if HAS_MAX:
-        tl.store(out_ptr + NSTAT - 1, tl.where(ratio_max == -float("inf"), 0.0, ratio_max))
-
-
-@triton.jit
-def _scale_grad_kernel(
-    g_ptr,  # [B, T] fp32
-    scale_ptr,  # [B] fp32
-    grad_out_ptr,  # 0-d
-    out_ptr,  # [B, T] input dtype
-    B,
-    T,
-    BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
-    valid = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * T + cols[None, :]
-    go = tl.load(grad_out_ptr).to(tl.float32)
-    s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * go
-    g = tl.load(g_ptr + offs, mask=valid, other=0.0)
-    tl.store(out_ptr + offs, (g * s[:, None]).to(out_ptr.dtype.element_ty), mask=valid)
+        ratio_max = tl.max(run_max, axis=0)
+        tl.store(stats_ptr + N_SUMS - 1, tl.where(ratio_max == -float("inf"), 0.0, ratio_max))
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers. Callers (rlhf_fast/ppo.py) validate arguments; inputs are [B, T] with any strides.
 
 
-def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
-    # bool tensors go to Triton as uint8 (same bytes, zero-copy view).
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad):
+    B, T = x.shape
+    dev = x.device
+    n_sums, has_max = _N_SUMS[loss_kind], _HAS_MAX[loss_kind]
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty((n_sums - 1 + int(has_max),), dtype=torch.float32, device=dev)
+    grad = torch.empty((B, T) if write_grad else (0,), dtype=x.dtype, device=dev)
+    if B == 0 or T == 0:
+        loss.zero_()
+        stats.zero_()
+        grad.zero_()
+        return loss, stats, grad
+    m = kernel_mask(mask)
 
+    # 1-2: the aggregation weights' row scales, from the mask alone.
+    rowbuf = torch.empty((2 * B + 1,), dtype=torch.float32, device=dev)
+    counts, scale, total = rowbuf[:B], rowbuf[B : 2 * B], rowbuf[2 * B :]
+    count_b, count_t = _tile_config(B, T, _COUNT_TILE)
+    _mask_row_sums_kernel[(triton.cdiv(B, count_b),)](
+        m, m.stride(0), m.stride(1), counts, B, T, BLOCK_B=count_b, BLOCK_T=count_t, num_warps=_COUNT_WARPS
+    )
+    _row_scale_kernel[(1,)](
+        counts,
+        scale,
+        total,
+        B,
+        float(horizon),
+        AGG=AGG_CODES[agg],
+        BLOCK=min(_REDUCE_BLOCK, triton.next_power_of_2(B)),
+        num_warps=4,
+    )
 
-def _finalize(part, ratio_max_part, B, NB, agg, horizon, nstat, device):
-    has_max = ratio_max_part is not None
-    scale = torch.empty((B,), dtype=torch.float32, device=device)
-    out = torch.empty((nstat - 1 + int(has_max),), dtype=torch.float32, device=device)
-    block_nb = triton.next_power_of_2(max(NB, 1))
-    block_b = max(1, min(1024 // block_nb, triton.next_power_of_2(max(B, 1))))
+    # 3: loss terms, final gradient, per-tile partials.
+    block_b, block_t = _tile_config(B, T, _TILE)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(T, block_t))
+    n_tiles = grid[0] * grid[1]
+    part = torch.empty((n_sums + int(has_max), n_tiles), dtype=torch.float32, device=dev)
+    _ppo_fwd_kernel[grid](
+        x,
+        x.stride(0),
+        x.stride(1),
+        a,
+        a.stride(0),
+        a.stride(1),
+        b,
+        b.stride(0),
+        b.stride(1),
+        m,
+        m.stride(0),
+        m.stride(1),
+        scale,
+        grad if write_grad else part,  # placeholder pointer, never written
+        part,
+        B,
+        T,
+        n_tiles,
+        float(clip_low),
+        float(clip_high),
+        0.0 if dual_clip is None else float(dual_clip),
+        LOSS=loss_kind,
+        HAS_DUAL=dual_clip is not None,
+        WRITE_GRAD=write_grad,
+        BLOCK_B=block_b,
+        BLOCK_T=block_t,
+        num_warps=_WARPS,
+    )
+
+    # 4: loss and stats.
     _finalize_kernel[(1,)](
         part,
-        ratio_max_part if has_max else part,
-        scale,
-        out,
-        B,
-        NB,
-        float(horizon),
-        NSTAT=nstat,
-        NSTAT_P2=triton.next_power_of_2(nstat),
+        total,
+        loss,
+        stats,
+        n_tiles,
+        N_SUMS=n_sums,
+        N_SUMS_P2=triton.next_power_of_2(n_sums),
         HAS_MAX=has_max,
-        AGG=AGG_CODES[agg],
-        BLOCK_R=min(1024, triton.next_power_of_2(max(B * NB, 1))),
-        BLOCK_B=block_b,
-        BLOCK_NB=block_nb,
+        BLOCK_R=min(_REDUCE_BLOCK, triton.next_power_of_2(n_tiles)),
         num_warps=8,
     )
-    return out, scale
+    return loss, stats, grad
 
 
 def ppo_policy_forward(
@@ -333,57 +362,22 @@ def ppo_policy_forward(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
+    eps_low: float,
+    eps_high: float,
     dual_clip: float | None,
     agg: str,
     horizon: float,
     write_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out [6] fp32 = loss then the POLICY_STATS, g [B, T] fp32 or (0,), scale [B] fp32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss 0-d fp32, stats [5] fp32 in POLICY_STATS order, grad).
 
-    clip_low/clip_high are the ratio bounds 1 - eps_low, 1 + eps_high. The gradient of the loss
-    w.r.t. logprobs is g * scale[:, None] (times grad_output).
+    eps_low / eps_high are the clip widths (ratio bounds 1 - eps_low, 1 + eps_high). grad is
+    d loss / d logprobs ([B, T] contiguous, logprobs' dtype) for grad_output = 1, or an empty (0,)
+    tensor when write_grad is False.
     """
-    B, T = logprobs.shape
-    dev = logprobs.device
-    block_b, block_t = _tile_config(B, T)
-    NB = triton.cdiv(T, block_t) if T > 0 else 0
-    part = torch.empty((POLICY_NSTAT, B, NB), dtype=torch.float32, device=dev)
-    ratio_max = torch.empty((B, NB), dtype=torch.float32, device=dev)
-    g = torch.empty((B, T) if write_grad else (0,), dtype=torch.float32, device=dev)
-    if B > 0 and T > 0:
-        m = _mask_for_kernel(mask)
-        _ppo_policy_fwd_kernel[(triton.cdiv(B, block_b), NB)](
-            logprobs,
-            logprobs.stride(0),
-            logprobs.stride(1),
-            old_logprobs,
-            old_logprobs.stride(0),
-            old_logprobs.stride(1),
-            advantages,
-            advantages.stride(0),
-            advantages.stride(1),
-            m,
-            m.stride(0),
-            m.stride(1),
-            g,
-            part,
-            ratio_max,
-            B,
-            T,
-            NB,
-            float(clip_low),
-            float(clip_high),
-            0.0 if dual_clip is None else float(dual_clip),
-            HAS_DUAL=dual_clip is not None,
-            WRITE_GRAD=write_grad,
-            BLOCK_B=block_b,
-            BLOCK_T=block_t,
-            num_warps=_WARPS,
-        )
-    out, scale = _finalize(part, ratio_max, B, NB, agg, horizon, POLICY_NSTAT, dev)
-    return out, g, scale
+    return _forward(
+        POLICY, logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad
+    )
 
 
 def ppo_value_forward(
@@ -395,61 +389,15 @@ def ppo_value_forward(
     agg: str,
     horizon: float,
     write_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out [3] fp32 = loss then the VALUE_STATS, g [B, T] fp32 or (0,), scale [B] fp32).
-    The gradient of the loss w.r.t. values is g * scale[:, None] (times grad_output)."""
-    B, T = values.shape
-    dev = values.device
-    block_b, block_t = _tile_config(B, T)
-    NB = triton.cdiv(T, block_t) if T > 0 else 0
-    part = torch.empty((VALUE_NSTAT, B, NB), dtype=torch.float32, device=dev)
-    g = torch.empty((B, T) if write_grad else (0,), dtype=torch.float32, device=dev)
-    if B > 0 and T > 0:
-        m = _mask_for_kernel(mask)
-        _ppo_value_fwd_kernel[(triton.cdiv(B, block_b), NB)](
-            values,
-            values.stride(0),
-            values.stride(1),
-            old_values,
-            old_values.stride(0),
-            old_values.stride(1),
-            returns,
-            returns.stride(0),
-            returns.stride(1),
-            m,
-            m.stride(0),
-            m.stride(1),
-            g,
-            part,
-            B,
-            T,
-            NB,
-            float(clip_eps),
-            WRITE_GRAD=write_grad,
-            BLOCK_B=block_b,
-            BLOCK_T=block_t,
-            num_warps=_WARPS,
-        )
-    out, scale = _finalize(part, None, B, NB, agg, horizon, VALUE_NSTAT, dev)
-    return out, g, scale
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss 0-d fp32, stats [2] fp32 in VALUE_STATS order, grad): grad is d loss / d values
+    ([B, T] contiguous, values' dtype) for grad_output = 1, or an empty (0,) tensor."""
+    return _forward(VALUE, values, old_values, returns, mask, clip_eps, 0.0, None, agg, horizon, write_grad)
 
 
-def scale_grad(g: torch.Tensor, scale: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad [B, T] in `dtype` = g * scale[:, None] * grad_out (grad_out 0-d, read on device)."""
-    B, T = g.shape
-    out = torch.empty((B, T), dtype=dtype, device=g.device)
-    if B == 0 or T == 0:
-        return out
-    block_b, block_t = _tile_config(B, T)
-    _scale_grad_kernel[(triton.cdiv(B, block_b), triton.cdiv(T, block_t))](
-        g,
-        scale,
-        grad_out.reshape(()).to(torch.float32).contiguous(),
-        out,
-        B,
-        T,
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
-        num_warps=_WARPS,
-    )
-    return out
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad [B, T] (contiguous) *= grad_output (0-d tensor) in place, no host sync; when
+    grad_output == 1 every program returns after one scalar load (no [B, T] traffic)."""
+    if grad.numel() == 0:
+        return
+    _scale_rows_in_place_(grad.unsqueeze(1), grad_output)  # [B, 1, T]: B rows of T elements

@@ -13,6 +13,7 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 
@@ -169,6 +170,9 @@ def available_backends(op: str) -> list[str]:
 # Validation helpers: every message names the argument.
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Per-token / per-sequence log-prob (and value, advantage) inputs: the logits dtypes plus fp64
+# (small [B, T] / [B] tensors often come from fp64 bookkeeping); math is fp32 on kernel paths.
+LOGP_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def check_tensor(name: str, t, *, dtypes=None, ndim=None, min_ndim=None) -> None:
@@ -201,6 +205,12 @@ def check_same_device(**tensors) -> torch.device:
     return device
 
 
+def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A [B, T] mask as a Triton kernel argument: bool becomes a zero-copy uint8 view (Triton
+    loads bool pointers as int1); every other dtype is passed as it is (kernels upcast to fp32)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
 def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Validate a [B, T] mask (bool/int/float) against `like` and return it as fp32."""
     check_tensor(name, mask)
@@ -208,3 +218,49 @@ def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Te
     if mask.dtype == torch.float32:
         return mask
     return mask.to(torch.float32)
+
+
+def check_float(
+    name: str,
+    value,
+    *,
+    low=None,
+    high=None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+) -> float | None:
+    """Validate a hyper-parameter that must be a finite real number; returns it as a float.
+
+    bool and non-numbers raise TypeError, NaN/inf and values outside the bounds raise ValueError;
+    every message names the argument. `low`/`high` are optional bounds (inclusive by default).
+    With allow_none=True, None is accepted and returned as is. Python ints become floats; a
+    symbolic float (torch.compile with dynamic floats) is checked by comparison and returned
+    unchanged.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, int):
+        value = float(value)
+    # Comparisons rather than math.isfinite: they also work on symbolic floats.
+    if value != value or value == math.inf or value == -math.inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, low=None, high=None) -> int:
+    """Validate an integer argument (bool and non-integers raise TypeError; optional inclusive
+    bounds raise ValueError); every message names the argument. Returns it unchanged."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value

@@ -13,34 +13,27 @@ the logits, backward one read + one write) -> split the 2B rows into chosen / re
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from rlhf_fast._backend import FLOAT_DTYPES, check_same_device, check_tensor, register_op, resolve
+from rlhf_fast._backend import (
+    FLOAT_DTYPES,
+    LOGP_DTYPES,
+    check_float,
+    check_same_device,
+    check_tensor,
+    register_op,
+    resolve,
+)
+
+# DPO_LOSS_TYPES: every accepted loss_type (TRL's DPOTrainer types + simpo);
+# DPO_LABEL_SMOOTHING_TYPES: the ones whose formula uses label_smoothing (the others reject a
+# non-zero value).
+from rlhf_fast.reference import DPO_LABEL_SMOOTHING_TYPES, DPO_LOSS_TYPES
 
 __all__ = ["dpo_loss", "dpo_loss_from_logits", "DPO_LOSS_TYPES"]
-
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "simpo",
-)
-# The loss types whose formula uses label_smoothing; the others reject a non-zero value.
-LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "simpo")
-# Sequence log-probs may also come in fp64 (they are [B] vectors); math is fp32 on the kernel path.
-LOGP_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 register_op("dpo_loss", triton=True)
 register_op("dpo_loss_from_logits", triton=True)
@@ -173,31 +166,19 @@ _dpo_pair_loss.register_autograd(_pair_backward, setup_context=_pair_setup_conte
 # Validation
 
 
-def _check_float(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and not value > 0.0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
 def _check_hyper(beta, loss_type, label_smoothing, gamma, discopop_tau):
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
-    beta = _check_float("beta", beta, positive=True)
-    ls = _check_float("label_smoothing", label_smoothing)
-    gamma = _check_float("gamma", gamma)
-    tau = _check_float("discopop_tau", discopop_tau, positive=True)
-    if ls != 0.0 and loss_type not in LABEL_SMOOTHING_TYPES:
+    beta = check_float("beta", beta, low=0.0, low_inclusive=False)
+    ls = check_float("label_smoothing", label_smoothing)
+    gamma = check_float("gamma", gamma)
+    tau = check_float("discopop_tau", discopop_tau, low=0.0, low_inclusive=False)
+    if ls != 0.0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
         raise ValueError(
             f"label_smoothing={ls} has no meaning for loss_type={loss_type!r} "
-            f"(used by {LABEL_SMOOTHING_TYPES}); pass 0.0"
+            f"(used by {DPO_LABEL_SMOOTHING_TYPES}); pass 0.0"
         )
-    if not 0.0 <= ls <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {ls}")
+    check_float("label_smoothing", ls, low=0.0, high=1.0)
     if loss_type == "robust" and not ls < 0.5:
         raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust' (divides by 1 - 2*ls), got {ls}")
     if loss_type == "exo_pair" and not ls < 1.0:

@@ -13,26 +13,21 @@ autograd.Function calling the same launchers (less dispatch overhead). Reference
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from rlhf_fast._backend import (
-    FLOAT_DTYPES,
+    LOGP_DTYPES,
+    check_float,
     check_same_device,
     check_same_shape,
     check_tensor,
     register_op,
     resolve,
 )
+from rlhf_fast.reference import KL_KINDS  # name -> canonical kind (verl: kl = k1, mse = k2, low_var_kl = k3)
 
 __all__ = ["KL_KINDS", "kl_penalty", "shape_rewards"]
-
-# Accepted names -> canonical kind (verl: "kl" = k1, "mse" = k2, "low_var_kl" = k3).
-KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3", "abs": "abs"}
-
-_INPUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 register_op("kl_penalty", triton=True)
 register_op("shape_rewards", triton=True)
@@ -151,18 +146,9 @@ def _canonical_kind(kind) -> str:
     return KL_KINDS[kind]
 
 
-def _check_real(name: str, value, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-
-
 def _check_pair(logprobs, ref_logprobs) -> None:
-    check_tensor("logprobs", logprobs, dtypes=_INPUT_DTYPES)
-    check_tensor("ref_logprobs", ref_logprobs, dtypes=_INPUT_DTYPES)
+    check_tensor("logprobs", logprobs, dtypes=LOGP_DTYPES)
+    check_tensor("ref_logprobs", ref_logprobs, dtypes=LOGP_DTYPES)
     check_same_shape("logprobs", logprobs, "ref_logprobs", ref_logprobs)
     check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
 
@@ -193,15 +179,12 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
     """
     canonical = _canonical_kind(kind)
     _check_pair(logprobs, ref_logprobs)
-    _check_real("clamp", clamp, allow_none=True)
-    if clamp is not None and clamp < 0:
-        raise ValueError(f"clamp must be >= 0 (the result is clamped to [-clamp, clamp]), got {clamp}")
+    clamp = check_float("clamp", clamp, low=0.0, allow_none=True)
     impl = resolve("kl_penalty", backend, logprobs.device)
     if impl == "reference":
         from rlhf_fast import reference
 
         return reference.kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp)
-    clamp = None if clamp is None else float(clamp)
     if torch.compiler.is_compiling():
         return _kl_penalty_op(logprobs, ref_logprobs, canonical, clamp)
     return _KLPenaltyFunction.apply(logprobs, ref_logprobs, canonical, clamp)
@@ -238,7 +221,7 @@ def shape_rewards(
     the mask (in the kernel, no [B] index tensor made in torch), then writes the row's rewards.
     """
     canonical = _canonical_kind(kind)
-    check_tensor("scores", scores, dtypes=_INPUT_DTYPES, ndim=1)
+    check_tensor("scores", scores, dtypes=LOGP_DTYPES, ndim=1)
     _check_pair(logprobs, ref_logprobs)
     check_tensor("logprobs", logprobs, ndim=2)
     check_tensor("mask", mask)
@@ -246,7 +229,7 @@ def shape_rewards(
     if scores.shape[0] != logprobs.shape[0]:
         raise ValueError(f"scores must have shape [B] = [{logprobs.shape[0]}], got {tuple(scores.shape)}")
     check_same_device(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
-    _check_real("kl_coef", kl_coef)
+    kl_coef = check_float("kl_coef", kl_coef)
     impl = resolve("shape_rewards", backend, logprobs.device)
     if impl == "reference":
         from rlhf_fast import reference

@@ -5,25 +5,29 @@
     ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean",
                    horizon=None, backend=None) -> (loss, stats)
 
-Fast path: `rlhf_fast.kernels.ppo`. The forward is one fused Triton kernel that reads each input
-once and writes the per-token gradient (before the aggregation weights) plus per-tile partial
-sums, then a one-program finalize kernel reduces those (deterministically, no atomics) into the
-loss, the stats and the per-row aggregation scales; the backward is one Triton kernel scaling
-the saved gradient by the row scale and grad_output. Wrapped as custom ops
-(rlhf_fast::ppo_policy_loss, rlhf_fast::ppo_value_loss, rlhf_fast::ppo_scale_grad) so that
-torch.compile(fullgraph=True) traces them; outside torch.compile an autograd.Function calling the
-same launchers is used instead (less dispatch overhead). Reference: `rlhf_fast.reference`.
+Fast path: `rlhf_fast.kernels.ppo`. Every aggregation mode weights token (b, t) by m_bt * s_b with
+a row scale s_b that depends on the mask alone, so the forward first reduces the mask to those
+scales (one cheap pass over the mask), then one fused Triton kernel reads each input once and
+writes the FINAL per-token gradient (in the input's dtype) plus per-tile partial sums, which a
+one-program finalize kernel reduces (deterministically, no atomics) into the loss and the stats.
+The backward only multiplies that gradient by grad_output, in place, and does no work at all
+(no host sync either) when grad_output == 1. Hence a second backward through the same graph
+(retain_graph=True) raises RuntimeError: the saved gradient was already handed out (and scaled).
+
+Wrapped as custom ops (rlhf_fast::ppo_policy_loss, rlhf_fast::ppo_value_loss and the in-place
+rlhf_fast::ppo_scale_grad_) so that torch.compile(fullgraph=True) traces them; outside
+torch.compile an autograd.Function calling the same launchers is used instead (less dispatch
+overhead). Reference: `rlhf_fast.reference`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
 from rlhf_fast._backend import (
-    FLOAT_DTYPES,
+    LOGP_DTYPES,
+    check_float,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -34,30 +38,39 @@ from rlhf_fast.aggregation import check_agg
 
 __all__ = ["ppo_policy_loss", "ppo_value_loss"]
 
-_INPUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
-# Output vectors of the custom ops: [loss, stats...] (order fixed by rlhf_fast.kernels.ppo).
-_POLICY_OUT = ("loss", "clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")
-_VALUE_OUT = ("loss", "vf_clipfrac", "vpred_mean")
+# Stats vectors of the custom ops (order fixed by rlhf_fast.kernels.ppo.POLICY_STATS / VALUE_STATS;
+# repeated here so that importing rlhf_fast never imports triton).
+_POLICY_STATS = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")
+_VALUE_STATS = ("vf_clipfrac", "vpred_mean")
+_BACKWARD_TWICE = (
+    "rlhf_fast PPO loss: backward ran twice through the same graph (retain_graph=True). The "
+    "gradient is computed in the forward and scaled by grad_output in place during the first "
+    "backward, so it cannot be handed out again; recompute the loss for a second backward."
+)
 
 register_op("ppo_policy_loss", triton=True)
 register_op("ppo_value_loss", triton=True)
+
+
+def _kernels():
+    from rlhf_fast.kernels import ppo as ppo_kernels  # lazy: importing rlhf_fast never imports triton
+
+    return ppo_kernels
 
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 
 
-@torch.library.custom_op("rlhf_fast::ppo_scale_grad", mutates_args=())
-def _scale_grad_op(g: Tensor, scale: Tensor, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad [B, T] (dtype) = g [B, T] fp32 * scale [B] fp32 (per row) * grad_out (0-d)."""
-    from rlhf_fast.kernels import ppo as ppo_kernels
-
-    return ppo_kernels.scale_grad(g, scale, grad_out, dtype)
+@torch.library.custom_op("rlhf_fast::ppo_scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, grad_output: Tensor) -> None:
+    """grad [B, T] (contiguous) *= grad_output (0-d) in place; no work and no host sync when it is 1."""
+    _kernels().scale_grad_(grad, grad_output)
 
 
 @_scale_grad_op.register_fake
-def _(g, scale, grad_out, dtype):
-    return g.new_empty(g.shape, dtype=dtype)
+def _(grad, grad_output):
+    return None
 
 
 @torch.library.custom_op("rlhf_fast::ppo_policy_loss", mutates_args=())
@@ -66,30 +79,28 @@ def _ppo_policy_op(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    clip_low: float,
-    clip_high: float,
+    eps_low: float,
+    eps_high: float,
     dual_clip: float | None,
     agg: str,
     horizon: float,
     write_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [6] fp32 = [loss, clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
-    g [B, T] fp32 (or (0,) without write_grad), row scales [B] fp32)."""
-    from rlhf_fast.kernels import ppo as ppo_kernels
-
-    return ppo_kernels.ppo_policy_forward(
-        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad
+    """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
+    grad [B, T] in logprobs' dtype (d loss / d logprobs for grad_output = 1; an empty (0,) tensor
+    without write_grad)). grad is private to this op's autograd: backward scales it in place."""
+    return _kernels().ppo_policy_forward(
+        logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad
     )
 
 
 @_ppo_policy_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad):
-    B, T = logprobs.shape
+def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad):
     f32 = torch.float32
     return (
-        logprobs.new_empty((len(_POLICY_OUT),), dtype=f32),
-        logprobs.new_empty((B, T) if write_grad else (0,), dtype=f32),
-        logprobs.new_empty((B,), dtype=f32),
+        logprobs.new_empty((), dtype=f32),
+        logprobs.new_empty((len(_POLICY_STATS),), dtype=f32),
+        logprobs.new_empty(logprobs.shape if write_grad else (0,)),
     )
 
 
@@ -104,42 +115,42 @@ def _ppo_value_op(
     horizon: float,
     write_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [3] fp32 = [loss, vf_clipfrac, vpred_mean], g [B, T] fp32 or (0,), row scales [B])."""
-    from rlhf_fast.kernels import ppo as ppo_kernels
-
-    return ppo_kernels.ppo_value_forward(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad)
+    """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype or
+    (0,)); grad as in rlhf_fast::ppo_policy_loss."""
+    return _kernels().ppo_value_forward(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad)
 
 
 @_ppo_value_op.register_fake
 def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad):
-    B, T = values.shape
     f32 = torch.float32
     return (
-        values.new_empty((len(_VALUE_OUT),), dtype=f32),
-        values.new_empty((B, T) if write_grad else (0,), dtype=f32),
-        values.new_empty((B,), dtype=f32),
+        values.new_empty((), dtype=f32),
+        values.new_empty((len(_VALUE_STATS),), dtype=f32),
+        values.new_empty(values.shape if write_grad else (0,)),
     )
 
 
 def _setup_context(ctx, inputs, output):
     # Only the first input (log-probs / values) gets a gradient; the others are treated as
     # constants (detached) whatever their requires_grad.
-    _, g, scale = output
-    ctx.mark_non_differentiable(g, scale)
-    ctx.save_for_backward(g, scale)
-    ctx.input_dtype = inputs[0].dtype
+    _, stats, grad = output
+    ctx.mark_non_differentiable(stats, grad)
+    ctx.save_for_backward(grad)
     ctx.write_grad = inputs[-1]
     ctx.n_inputs = len(inputs)
+    ctx.grad_consumed = False
 
 
-def _backward(ctx, grad_out, grad_g, grad_scale):
-    g, scale = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats, grad_grad):
     grad_input = None
     if ctx.needs_input_grad[0]:
         if not ctx.write_grad:
             raise RuntimeError("rlhf_fast PPO loss: backward called on a forward run with write_grad=False")
-        # Only the loss (entry 0) is differentiable; the stats entries have no gradient path.
-        grad_input = _scale_grad_op(g, scale, grad_out[0], ctx.input_dtype)
+        if ctx.grad_consumed:
+            raise RuntimeError(_BACKWARD_TWICE)
+        ctx.grad_consumed = True
+        (grad_input,) = ctx.saved_tensors
+        _scale_grad_op(grad_input, grad_loss)
     return (grad_input,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -151,56 +162,51 @@ class _FusedLossFunction(torch.autograd.Function):
     """Eager-mode twin of the custom ops above, calling the same launchers.
 
     A custom op's Python dispatch costs tens of microseconds per call (forward and backward),
-    which at the benchmark size ([1024, 8192] fp32, ~0.08 ms of kernels) is as long as the
-    kernels themselves; outside torch.compile this plain autograd.Function skips it. Under
+    which at the benchmark size ([1024, 8192] fp32, well under 0.1 ms of kernels) is as long as
+    the kernels themselves; outside torch.compile this plain autograd.Function skips it. Under
     torch.compile the custom ops are used (opaque to the tracer, with fake impls).
+    Returns (loss, stats): the loss as its own 0-d output, so backward gets grad_output directly.
     """
 
     @staticmethod
     def forward(ctx, forward_launcher, x, *args):
-        out, g, scale = forward_launcher(x, *args)
-        ctx.save_for_backward(g, scale)
-        ctx.input_dtype = x.dtype
+        loss, stats, grad = forward_launcher(x, *args)
+        ctx.mark_non_differentiable(stats)
+        # The gradient buffer is saved (not kept as a ctx attribute) so that autograd releases it
+        # after backward and the caller's .grad can take it over without a copy.
+        ctx.save_for_backward(grad)
         ctx.n_args = len(args)
-        return out
+        ctx.grad_consumed = False
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
-        g, scale = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_stats):
         grad_x = None
         if ctx.needs_input_grad[1]:
-            from rlhf_fast.kernels import ppo as ppo_kernels
-
-            grad_x = ppo_kernels.scale_grad(g, scale, grad_out[0], ctx.input_dtype)
+            if ctx.grad_consumed:
+                raise RuntimeError(_BACKWARD_TWICE)
+            ctx.grad_consumed = True
+            (grad_x,) = ctx.saved_tensors
+            _kernels().scale_grad_(grad_x, grad_loss)
         return (None, grad_x) + (None,) * ctx.n_args
 
 
-def _fused_loss(op, launcher_name: str, x: Tensor, *args) -> Tensor:
-    """out = [loss, stats...] through the custom op (under torch.compile) or the eager twin."""
+def _fused_loss(op, launcher_name: str, x: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """(loss, stats vector) through the custom op (under torch.compile) or the eager twin."""
     if torch.compiler.is_compiling():
-        out, _, _ = op(x, *args)
-        return out
-    from rlhf_fast.kernels import ppo as ppo_kernels
-
-    return _FusedLossFunction.apply(getattr(ppo_kernels, launcher_name), x, *args)
+        loss, stats, _ = op(x, *args)
+        return loss, stats
+    return _FusedLossFunction.apply(getattr(_kernels(), launcher_name), x, *args)
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation
 
 
-def _check_number(name: str, value, *, minimum: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {minimum}, got {value}")
-    return float(value)
-
-
 def _check_inputs(names: tuple[str, str, str], a: Tensor, b: Tensor, c: Tensor, mask: Tensor) -> None:
-    check_tensor(names[0], a, dtypes=_INPUT_DTYPES, ndim=2)
-    check_tensor(names[1], b, dtypes=_INPUT_DTYPES)
-    check_tensor(names[2], c, dtypes=_INPUT_DTYPES)
+    check_tensor(names[0], a, dtypes=LOGP_DTYPES, ndim=2)
+    check_tensor(names[1], b, dtypes=LOGP_DTYPES)
+    check_tensor(names[2], c, dtypes=LOGP_DTYPES)
     check_tensor("mask", mask)
     check_same_shape(names[0], a, names[1], b)
     check_same_shape(names[0], a, names[2], c)
@@ -262,12 +268,15 @@ def ppo_policy_loss(
             is strictly active). Masked means divide by max(sum(mask), 1).
     Uncounted tokens contribute exactly 0 (an inf ratio from a huge log-prob difference there
     never reaches the loss or gradient); an empty mask gives loss 0, gradient 0, stats 0.
+
+    Backward (kernel path): the gradient is written during the forward; backward multiplies it by
+    grad_output in place (no work when grad_output == 1). Hence a second backward through the
+    same graph (retain_graph=True) raises RuntimeError: recompute the loss instead.
     """
     _check_inputs(("logprobs", "old_logprobs", "advantages"), logprobs, old_logprobs, advantages, mask)
-    eps_low = _check_number("clip_eps", clip_eps, minimum=0.0)
-    eps_high = eps_low if clip_eps_high is None else _check_number("clip_eps_high", clip_eps_high, minimum=0.0)
-    if dual_clip is not None:
-        dual_clip = _check_number("dual_clip", dual_clip, minimum=1.0, strict=True)
+    eps_low = check_float("clip_eps", clip_eps, low=0.0)
+    eps_high = eps_low if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
+    dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False, allow_none=True)
     h = _horizon(agg, horizon, logprobs.shape[-1])
     impl = resolve("ppo_policy_loss", backend, logprobs.device)
     if impl == "reference":
@@ -284,25 +293,24 @@ def ppo_policy_loss(
             agg=agg,
             horizon=horizon,
         )
-    out = _fused_loss(
+    loss, stats_vec = _fused_loss(
         _ppo_policy_op,
         "ppo_policy_forward",
         logprobs,
         old_logprobs.detach(),
         advantages.detach(),
         mask.detach(),
-        1.0 - eps_low,
-        1.0 + eps_high,
+        eps_low,
+        eps_high,
         dual_clip,
         agg,
         h,
         _grad_wanted(logprobs),
     )
-    values = out.detach()
-    stats = {name: values[i] for i, name in enumerate(_POLICY_OUT) if i > 0}
+    stats = {name: stats_vec[i] for i, name in enumerate(_POLICY_STATS)}
     if dual_clip is None:
         del stats["dual_clipfrac"]
-    return out[0], stats
+    return loss, stats
 
 
 def ppo_value_loss(
@@ -333,16 +341,18 @@ def ppo_value_loss(
             and returns receive none even if they require grad).
         stats: detached 0-d fp32 tensors "vf_clipfrac" (masked fraction where the clipped term is
             strictly larger) and "vpred_mean" (masked mean of values).
+    Backward as in `ppo_policy_loss` (gradient from the forward; a second backward through the
+    same graph raises RuntimeError).
     """
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
-    eps = _check_number("clip_eps", clip_eps, minimum=0.0)
+    eps = check_float("clip_eps", clip_eps, low=0.0)
     h = _horizon(agg, horizon, values.shape[-1])
     impl = resolve("ppo_value_loss", backend, values.device)
     if impl == "reference":
         from rlhf_fast import reference
 
         return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon)
-    out = _fused_loss(
+    loss, stats_vec = _fused_loss(
         _ppo_value_op,
         "ppo_value_forward",
         values,
@@ -354,6 +364,5 @@ def ppo_value_loss(
         h,
         _grad_wanted(values),
     )
-    stats_values = out.detach()
-    stats = {name: stats_values[i] for i, name in enumerate(_VALUE_OUT) if i > 0}
-    return out[0], stats
+    stats = {name: stats_vec[i] for i, name in enumerate(_VALUE_STATS)}
+    return loss, stats

@@ -290,3 +290,28 @@ def test_shape_rewards_opcheck_and_bad_inputs():
         call(kl_coef=None)
     with pytest.raises(ValueError, match="logprobs"):
         call(logprobs=logp[0], ref_logprobs=ref[0], mask=mask[0])
+
+
+def test_shared_validators():
+    # rlhf_fast._backend.check_float / check_int: used for every hyper-parameter of kl, ppo, dpo.
+    from rlhf_fast._backend import check_float, check_int
+
+    assert check_float("x", 3) == 3.0 and isinstance(check_float("x", 3), float)
+    assert check_float("x", None, allow_none=True) is None
+    assert check_float("x", 0.0, low=0.0) == 0.0 and check_float("x", 1.0, high=1.0) == 1.0
+    for bad, err in ((True, TypeError), ("1", TypeError), (None, TypeError), (float("nan"), ValueError),
+                     (float("inf"), ValueError), (-float("inf"), ValueError)):
+        with pytest.raises(err, match="beta"):
+            check_float("beta", bad)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        check_float("beta", 0.0, low=0.0, low_inclusive=False)
+    with pytest.raises(ValueError, match="eps must be < 0.5"):
+        check_float("eps", 0.5, high=0.5, high_inclusive=False)
+    with pytest.raises(ValueError, match="eps must be <= 1"):
+        check_float("eps", 1.5, high=1)
+    assert check_int("n", 7, low=0) == 7
+    for bad in (True, 1.0, "3", None):
+        with pytest.raises(TypeError, match="n must be an int"):
+            check_int("n", bad)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        check_int("n", 0, low=1)

