@@ -11,13 +11,13 @@ no gradient (inputs are detached), whatever the backend.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from rlhf_fast import reference
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
+    check_float,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -73,15 +73,6 @@ _FAKES_REGISTERED = _register_fakes()
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks (errors name the argument)
-
-
-def _check_unit_interval(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    x = float(x)
-    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
-        raise ValueError(f"{name} must be a finite number in [0, 1], got {x}")
-    return x
 
 
 def _check_mask(mask, like: torch.Tensor) -> None:
@@ -140,8 +131,8 @@ def gae(
         (advantages, returns): fp32 [B, T] each, without gradient (advantages are targets).
     """
     _check_scan_inputs(rewards, values, mask)
-    gamma = _check_unit_interval("gamma", gamma)
-    lam = _check_unit_interval("lam", lam)
+    gamma = check_float("gamma", gamma, low=0.0, high=1.0)
+    lam = check_float("lam", lam, low=0.0, high=1.0)
     impl = resolve("gae", backend, rewards.device)
     if impl == "cpp":
         return torch.ops.rlhf_fast.gae(rewards.detach(), values.detach(), mask.detach(), gamma, lam)
@@ -173,7 +164,7 @@ def discounted_returns(
         fp32 [B, T], without gradient.
     """
     _check_scan_inputs(rewards, None, mask)
-    gamma = _check_unit_interval("gamma", gamma)
+    gamma = check_float("gamma", gamma, low=0.0, high=1.0)
     impl = resolve("discounted_returns", backend, rewards.device)
     if impl == "cpp":
         return torch.ops.rlhf_fast.discounted_returns(rewards.detach(), mask.detach(), gamma)
@@ -214,7 +205,7 @@ def masked_whiten(
     check_same_device(x=x, mask=mask)
     if not isinstance(shift_mean, bool):
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
-    _check_eps(eps)
+    check_float("eps", eps, low=0.0)
     resolve("masked_whiten", backend, x.device)  # validates backend; only the reference exists
     return reference.masked_whiten(x.detach(), mask.detach(), shift_mean=shift_mean, eps=eps).to(torch.float32)
 
@@ -256,13 +247,8 @@ def group_advantages(
         raise ValueError(f"group_size must be >= 2 for method={method!r}, got {group_size}")
     if scores.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} does not divide the number of scores ({scores.shape[0]})")
-    _check_eps(eps)
+    check_float("eps", eps, low=0.0)
     resolve("group_advantages", backend, scores.device)
     return reference.group_advantages(scores.detach(), group_size, method=method, eps=eps).to(torch.float32)
 
 
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")

@@ -14,7 +14,6 @@ No [N, V] fp32 intermediate is ever allocated.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -24,6 +23,8 @@ from rlhf_fast import reference
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
     as_float_mask,
+    check_float,
+    check_int,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -274,19 +275,6 @@ class _InplaceBackward(torch.autograd.Function):
 # Public function
 
 
-def _check_float(name: str, value, *, low=None, low_inclusive=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if isinstance(value, int):
-        value = float(value)
-    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) floats may be symbolic.
-    if value != value or value == math.inf or value == -math.inf:
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
-    return value
-
-
 def ppo_loss_from_logits(
     logits: Tensor,
     labels: Tensor,
@@ -381,18 +369,17 @@ def ppo_loss_from_logits(
         mask=mask,
         ref_logprobs=ref_logprobs,
     )
-    temperature = _check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    clip_eps = _check_float("clip_eps", clip_eps, low=0.0)
-    clip_high = clip_eps if clip_eps_high is None else _check_float("clip_eps_high", clip_eps_high, low=0.0)
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
+    clip_eps = check_float("clip_eps", clip_eps, low=0.0)
+    clip_high = clip_eps if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
     if dual_clip is not None:
-        dual_clip = _check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    kl_coef = _check_float("kl_coef", kl_coef)
-    entropy_coef = _check_float("entropy_coef", entropy_coef)
+        dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    kl_coef = check_float("kl_coef", kl_coef)
+    entropy_coef = check_float("entropy_coef", entropy_coef)
     if kl_kind not in _KL_KINDS:
         raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
     check_agg(agg, horizon)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
 
     impl = resolve("ppo_loss_from_logits", backend, device)
     if impl == "reference":

@@ -19,6 +19,8 @@ from torch import Tensor
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
     as_float_mask,
+    check_float,
+    check_int,
     check_same_device,
     check_tensor,
     checks_enabled,
@@ -295,15 +297,6 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
 
 
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature}")
-    return temperature
-
-
 def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
     check_tensor("labels", labels, dtypes=LABEL_DTYPES)
     if labels.shape != logits.shape[:-1]:
@@ -312,8 +305,7 @@ def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
             f"{tuple(logits.shape[:-1])}"
         )
     check_same_device(logits=logits, labels=labels)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
     if checks_enabled():
         # RLHF_FAST_CHECK=1 only: a host sync to turn silent NaNs into an error.
         V = logits.shape[-1]
@@ -378,7 +370,7 @@ def logprobs(
     RLHF_FAST_CHECK=1 adds a data-dependent check that breaks the graph.
     """
     _check_logits(logits)
-    temperature = _check_temperature(temperature)
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     _check_labels(logits, labels, ignore_index)
     impl = resolve("logprobs", backend, logits.device)
     if impl == "reference":
@@ -408,7 +400,7 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str | None = N
         Entries with logit -inf contribute 0.
     """
     _check_logits(logits)
-    temperature = _check_temperature(temperature)
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     impl = resolve("entropy", backend, logits.device)
     if impl == "reference":
         from rlhf_fast import reference
@@ -454,7 +446,7 @@ def sequence_logprobs(
     _check_logits(logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D [B, T, V], got shape {tuple(logits.shape)}")
-    temperature = _check_temperature(temperature)
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     _check_labels(logits, labels, ignore_index)
     if mask is not None:
         check_same_device(logits=logits, mask=mask)
