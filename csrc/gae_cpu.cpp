@@ -9,16 +9,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "scan_common.h"
+
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
 
 namespace rlhf_fast {
-
-// Defined in ops.cpp.
-void check_scan_args(const char* op, const at::Tensor& rewards, const at::Tensor& values,
-                     const at::Tensor& mask, double gamma, double lam, c10::DeviceType device_type);
-at::Tensor kernel_mask(const at::Tensor& mask);
 
 namespace {
 
@@ -84,43 +81,12 @@ void for_each_row_group(int64_t B, int64_t T, const Fn& fn) {
     }
   });
 }
-
-// Calls fn(scalar_t{}, mask_t{}) with the C++ types of the (already normalised) inputs.
-template <typename Fn>
-void dispatch_types(at::ScalarType data, at::ScalarType mask, const Fn& fn) {
-  auto with_mask = [&](auto data_tag) {
-    if (mask == at::kFloat) {
-      fn(data_tag, float{});
-    } else {
-      fn(data_tag, uint8_t{});  // bool and uint8 are one byte; bool is 0/1
-    }
-  };
-  switch (data) {
-    case at::kFloat:
-      with_mask(float{});
-      break;
-    case at::kBFloat16:
-      with_mask(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      with_mask(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "rlhf_fast: unsupported dtype ", data);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam) {
   check_scan_args("rlhf_fast::gae", rewards_in, values_in, mask_in, gamma, lam, c10::DeviceType::CPU);
-  at::Tensor rewards = rewards_in;
-  at::Tensor values = values_in;
-  if (rewards.scalar_type() != values.scalar_type()) {  // mixed precision: read both as fp32
-    rewards = rewards.to(at::kFloat);
-    values = values.to(at::kFloat);
-  }
-  rewards = rewards.contiguous();
-  values = values.contiguous();
+  const auto inputs = scan_inputs(rewards_in, values_in);
+  const at::Tensor& rewards = inputs.first;
+  const at::Tensor& values = inputs.second;
   const at::Tensor mask = kernel_mask(mask_in);
   const int64_t B = rewards.size(0);
   const int64_t T = rewards.size(1);
@@ -147,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const a
 at::Tensor discounted_returns_cpu(const at::Tensor& rewards_in, const at::Tensor& mask_in, double gamma) {
   check_scan_args("rlhf_fast::discounted_returns", rewards_in, at::Tensor(), mask_in, gamma, 0.0,
                   c10::DeviceType::CPU);
-  const at::Tensor rewards = rewards_in.contiguous();
+  const at::Tensor rewards = scan_inputs(rewards_in, at::Tensor()).first;
   const at::Tensor mask = kernel_mask(mask_in);
   const int64_t B = rewards.size(0);
   const int64_t T = rewards.size(1);

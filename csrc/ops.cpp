@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "scan_common.h"
+
 #include <cmath>
 
 #ifndef RLHF_FAST_CUDA_TARGETS

@@ -28,15 +28,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../scan_common.h"
+
 #include <cstdint>
 #include <tuple>
 
 namespace rlhf_fast {
-
-// Defined in ops.cpp.
-void check_scan_args(const char* op, const at::Tensor& rewards, const at::Tensor& values,
-                     const at::Tensor& mask, double gamma, double lam, c10::DeviceType device_type);
-at::Tensor kernel_mask(const at::Tensor& mask);
 
 namespace {
 
@@ -364,32 +361,6 @@ void with_launch_config(int group_threads, bool aligned, const Fn& launch) {
       break;
   }
 }
-
-// Calls fn(scalar_t{}, mask_t{}) for the input dtypes (already normalised by the caller).
-template <typename Fn>
-void dispatch_types(at::ScalarType data, at::ScalarType mask, const Fn& fn) {
-  auto with_mask = [&](auto data_tag) {
-    if (mask == at::kFloat) {
-      fn(data_tag, float{});
-    } else {
-      fn(data_tag, uint8_t{});  // bool and uint8 are one byte; bool is 0/1
-    }
-  };
-  switch (data) {
-    case at::kFloat:
-      with_mask(float{});
-      break;
-    case at::kBFloat16:
-      with_mask(at::BFloat16{});
-      break;
-    case at::kHalf:
-      with_mask(at::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "rlhf_fast: unsupported dtype ", data);
-  }
-}
-
 int64_t grid_for(int64_t B, int group_threads) {
   const int64_t groups_per_block = kBlockThreads / group_threads;
   const int64_t blocks = (B + groups_per_block - 1) / groups_per_block;
@@ -401,14 +372,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards_in, const 
                                             const at::Tensor& mask_in, double gamma, double lam) {
   check_scan_args("rlhf_fast::gae", rewards_in, values_in, mask_in, gamma, lam, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(rewards_in.device());
-  at::Tensor rewards = rewards_in;
-  at::Tensor values = values_in;
-  if (rewards.scalar_type() != values.scalar_type()) {  // mixed precision: read both as fp32
-    rewards = rewards.to(at::kFloat);
-    values = values.to(at::kFloat);
-  }
-  rewards = rewards.contiguous();
-  values = values.contiguous();
+  const auto inputs = scan_inputs(rewards_in, values_in);
+  const at::Tensor& rewards = inputs.first;
+  const at::Tensor& values = inputs.second;
   const at::Tensor mask = kernel_mask(mask_in);
   const int64_t B = rewards.size(0);
   const int64_t T = rewards.size(1);
@@ -443,7 +409,7 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards_in, const at::Tenso
   check_scan_args("rlhf_fast::discounted_returns", rewards_in, at::Tensor(), mask_in, gamma, 0.0,
                   c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(rewards_in.device());
-  const at::Tensor rewards = rewards_in.contiguous();
+  const at::Tensor rewards = scan_inputs(rewards_in, at::Tensor()).first;
   const at::Tensor mask = kernel_mask(mask_in);
   const int64_t B = rewards.size(0);
   const int64_t T = rewards.size(1);
