@@ -164,10 +164,11 @@ def _ppo_from_logits_fwd_kernel(
             valid = offs < V
             x = tl.load(row_ptr + offs, mask=offs < n_read, other=-float("inf"), eviction_policy="evict_first")
             x = x.to(tl.float32) * inv_temperature
-            log_p = x - lse_k
-            p = tl.exp(log_p)
-            # p = 0 where x = -inf: its term is 0, not 0 * (-inf) = NaN.
-            soft = tl.where(x > -float("inf"), p * (a - bcoef * (log_p + ent_k)), 0.0)
+            # p = 0 where x = -inf: its term is 0, not 0 * (-inf) = NaN (log p is zeroed first,
+            # so not even the discarded lanes compute 0 * inf).
+            log_p = tl.where(x > -float("inf"), x - lse_k, 0.0)
+            p = tl.exp(x - lse_k)
+            soft = p * (a - bcoef * (log_p + ent_k))
             grad = tl.where(offs == label, a, 0.0) - soft
             tl.store(out_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 

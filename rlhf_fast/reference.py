@@ -74,9 +74,11 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Log-probs and entropy
 
 
-def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index):
-    """Per-token log p(label) and entropy of softmax(logits / temperature), fp32 (or fp64)."""
-    z = logits.to(_compute_dtype(logits)) / temperature
+def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index, with_entropy=True):
+    """Per-token log p(label) and (with_entropy) entropy of softmax(logits / temperature), fp32
+    (or fp64); the entropy is None otherwise, which skips its [..., V] intermediates."""
+    z = logits.to(_compute_dtype(logits))
+    z = z if temperature == 1.0 else z / temperature
     V = z.shape[-1]
     lse = torch.logsumexp(z, dim=-1)
     ignored = labels == ignore_index
@@ -86,6 +88,8 @@ def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index):
     logp = picked - lse
     logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
+    if not with_entropy:
+        return logp, None
     # H = -sum p log p; p = 0 where z = -inf contributes 0 (not 0 * -inf = NaN), in the forward
     # (outer where) and the backward (inner where); an all -inf row has entropy 0.
     log_p = z - lse.unsqueeze(-1)
@@ -103,13 +107,14 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     outside [0, V) that is not ignore_index gives NaN. `inplace_backward` is accepted for API
     parity and ignored here.
     """
-    logp, ent = _token_logprobs_and_entropy(logits, labels, temperature, ignore_index)
+    logp, ent = _token_logprobs_and_entropy(logits, labels, temperature, ignore_index, return_entropy)
     return (logp, ent) if return_entropy else logp
 
 
 def entropy(logits, *, temperature=1.0):
     """Entropy -sum p log p of softmax(logits / temperature) over the last dim. [..., V] -> fp32 [...]."""
-    z = logits.to(_compute_dtype(logits)) / temperature
+    z = logits.to(_compute_dtype(logits))
+    z = z if temperature == 1.0 else z / temperature
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
     return -torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
