@@ -33,6 +33,13 @@ def device():
     return DEVICE
 
 
+def pytest_configure(config):
+    # Registered here too (not only in pyproject.toml) so the suite runs cleanly from a copy of
+    # tests/ next to an installed wheel.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: large sizes, run on GPU machines")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
