@@ -992,9 +992,8 @@ def _run(args) -> int:
     interpreter_note = ""
     if device.type == "cpu" and (args.backend == "triton" or args.kernel_check) and not _interpreting():
         # Triton kernels on CPU tensors run under the interpreter, which must be switched on
-        # before triton is imported (importing rlhf_fast imports it). The CLI re-executes itself
-        # with TRITON_INTERPRET=1 for that (see __main__); here it can only be set if triton is
-        # not imported yet, and never on a machine with a GPU (its kernels stay compiled ones).
+        # before triton is imported (importing rlhf_fast does not import it, so from the CLI this
+        # always works); never on a machine with a GPU (its kernels stay compiled ones).
         if "triton" not in sys.modules and not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"
         else:
@@ -1095,21 +1094,5 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _reexec_with_interpreter(argv: list[str]) -> None:
-    """CPU-only machine: restart this command with TRITON_INTERPRET=1 so that the Triton kernels
-    can be checked against the reference (the variable only works if set before triton is
-    imported, and `python -m rlhf_fast.bench` imports rlhf_fast, hence triton, before main)."""
-    if _interpreting() or torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return
-    args = parse_args(argv)
-    if args.device == "cuda" or not (args.kernel_check or args.backend == "triton"):
-        return
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "rlhf_fast.bench", *argv])
-
-
 if __name__ == "__main__":
-    _reexec_with_interpreter(sys.argv[1:])
     sys.exit(main())
