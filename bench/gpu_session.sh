@@ -5,8 +5,12 @@
 #
 #   bash bench/gpu_session.sh build   # wheel for sm_80 + sm_90, cuobjdump, install away from the tree,
 #                                     # the whole test suite on CUDA against the installed wheel (~6-8 min)
-#   bash bench/gpu_session.sh bench   # python -m rlhf_fast.bench at the ANCHORS.md sizes + the
-#                                     # pytest-benchmark suites (~8-10 min)
+#   bash bench/gpu_session.sh report logprobs,logprobs+entropy,linear_logprobs
+#   bash bench/gpu_session.sh report ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae
+#                                     # python -m rlhf_fast.bench at the ANCHORS.md sizes, in two calls
+#                                     # so each stays under the 10-minute limit of one device command
+#   bash bench/gpu_session.sh suites  # the pytest-benchmark suites (--benchmark-json in $OUT)
+# Each stage after `build` reinstalls into /tmp when the machine is fresh (a ~1.5 min sm_90 build).
 #
 # Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
 # (see the device tool's README: `pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -39,13 +43,22 @@ build_and_test() {
     | tee "$OUT/tests.log" | tail -40
 }
 
-bench() {
-  # Editable-free: use the wheel built by the build stage if it is still there, else build in place.
+install_if_fresh() {
   if [ ! -d "$site/rlhf_fast" ]; then
     TORCH_CUDA_ARCH_LIST="9.0" python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . || return 1
   fi
   export PYTHONPATH="$site:${PYTHONPATH:-}"
-  (cd /tmp && python3 -m rlhf_fast.bench --out "$OUT" 2>&1) | tee "$OUT/bench.log" | tail -60
+}
+
+report() {
+  install_if_fresh || return 1
+  local ops=${1:-}
+  local tag=${ops:+-$(echo "$ops" | tr ',+' '__' | cut -c1-40)}
+  (cd /tmp && python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) | tee "$OUT/bench$tag.log" | tail -60
+}
+
+suites() {
+  install_if_fresh || return 1
   # From a copy away from the source tree, so the installed package (with its _C) is the one imported.
   rm -rf /tmp/rlhf_bench && mkdir -p /tmp/rlhf_bench && cp -r bench /tmp/rlhf_bench/
   (cd /tmp/rlhf_bench && python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
@@ -55,7 +68,7 @@ bench() {
 
 case "$stage" in
   build) build_and_test ;;
-  bench) bench ;;
-  all) build_and_test && bench ;;
-  *) echo "usage: $0 build|bench|all" >&2; exit 2 ;;
+  report) report "${2:-}" ;;
+  suites) suites ;;
+  *) echo "usage: $0 build | report [OPS] | suites" >&2; exit 2 ;;
 esac
