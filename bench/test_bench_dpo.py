@@ -20,11 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_utils import DEVICE, DTYPE_NAMES, HAS_CUDA
+from bench_utils import sync as _sync
 
 from rlhf_fast.dpo import dpo_loss, dpo_loss_from_logits
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 BETA = 0.1
 if HAS_CUDA:
     LOGITS_SHAPES = [(16, 2048, 128256)]
@@ -38,12 +38,6 @@ else:
     ROUNDS = 3
 
 PEERS = ["rlhf_fast", "eager", "compile"]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,22 +17,17 @@ floor_GBps = floor_bytes / mean time.
 
 import pytest
 import torch
+from bench_utils import DEVICE, HAS_CUDA
+from bench_utils import sync as _sync
 
 import rlhf_fast
 from rlhf_fast import reference
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 GAMMA, LAM = 0.99, 0.95
 SIZES = [(256, 1024), (1024, 4096)] if HAS_CUDA else [(256, 1024)]
 # (rounds, warmup) for the kernel and for the Python loops (tens to hundreds of ms per call)
 FAST_ROUNDS = (100, 10) if HAS_CUDA else (20, 2)
 LOOP_ROUNDS = (5, 1) if HAS_CUDA else (3, 1)
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _inputs(B, T):

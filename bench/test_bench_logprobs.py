@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_utils import DEVICE, DTYPE_NAMES, HAS_CUDA
+from bench_utils import sync as _sync
 
 import rlhf_fast.token_logprobs as rf
 from rlhf_fast._backend import resolve
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 if HAS_CUDA:
     SHAPES = [(16384, 32000), (16384, 128256), (8192, 151936)]
     DTYPE = torch.bfloat16
@@ -36,13 +36,7 @@ else:
     ROUNDS, ITERATIONS = 3, 1
 
 PEERS = ["rlhf_fast", "eager", "compile", "liger"]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MODES = ["fwd", "fwd+bwd", "fwd+entropy"]
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 _inputs_cache: dict = {}

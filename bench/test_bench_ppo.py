@@ -19,24 +19,19 @@ it belongs with the from-logits PPO loss benchmark.
 import os
 
 import torch
+from bench_utils import DEVICE, HAS_CUDA
+from bench_utils import sync as _sync
 
-HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (lazily, by rlhf_fast)
 
-import rlhf_fast
+import rlhf_fast  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 B, T = (1024, 8192) if HAS_CUDA else (16, 256)
 ROUNDS, WARMUP = (50, 5) if HAS_CUDA else (3, 1)
 PPO_GROUP = f"ppo_policy_loss {B}x{T} fp32"
 KL_GROUP = f"kl_penalty k3 {B}x{T} fp32"
 FP32 = 4
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def _run(benchmark, fn, group, floor_bytes):

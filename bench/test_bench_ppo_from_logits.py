@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_utils import DEVICE, DTYPE_NAMES, HAS_CUDA
+from bench_utils import sync as _sync
 
 from rlhf_fast.ppo_from_logits import ppo_loss_from_logits
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 CLIP = 0.2
 KL_COEF = 0.05
 ENT_COEF = 0.01
@@ -38,12 +38,6 @@ else:
     ROUNDS = 3
 
 PEERS = ["rlhf_fast", "rlhf_fast-inplace", "eager", "compile"]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 _cache: dict = {}
