@@ -47,6 +47,14 @@ def row_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 @triton.jit
+def row_offset(row, T, stride_b, stride_t):
+    """Element offset of flat row `row` (token (row // T, row % T)) of a [B, T, V] view with
+    strides (stride_b, stride_t); int64 when `row` is (callers cast program_id to int64)."""
+    b = row // T
+    return b * stride_b + (row - b * T) * stride_t
+
+
+@triton.jit
 def row_online_stats(
     row_ptr,
     n_cols,

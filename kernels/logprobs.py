@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import row_config, row_lse_entropy, row_online_stats
+from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
 
 
 @triton.jit
@@ -56,8 +56,7 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    row_ptr = logits_ptr + b * logits_stride_b + (row - b * T) * logits_stride_t
+    row_ptr = logits_ptr + row_offset(row, T, logits_stride_b, logits_stride_t)
 
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -122,10 +121,8 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b * logits_stride_b + t * logits_stride_t
-    out_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
+    row_ptr = logits_ptr + row_offset(row, T, logits_stride_b, logits_stride_t)
+    out_ptr = grad_ptr + row_offset(row, T, grad_stride_b, grad_stride_t)
     cols = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     # A row of only -inf: every p is taken as 0 instead of exp(-inf - (-inf)) = NaN.

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import row_config, row_lse_entropy, row_online_stats
+from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
 from ._terms import KL_CODES, KL_NONE, kl_term, ppo_clip_term
 
 # Layout of the stats vector written by the stats kernel.
@@ -113,10 +113,8 @@ def _ppo_from_logits_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b * logits_stride_b + t * logits_stride_t
-    out_ptr = grad_ptr + b * grad_stride_b + t * grad_stride_t
+    row_ptr = logits_ptr + row_offset(row, T, logits_stride_b, logits_stride_t)
+    out_ptr = grad_ptr + row_offset(row, T, grad_stride_b, grad_stride_t)
     cols = tl.arange(0, BLOCK_V)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -254,9 +252,7 @@ def _scale_grad_kernel(grad_ptr, stride_b, stride_t, g_ptr, T, V, BLOCK_V: tl.co
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
         row = tl.program_id(0).to(tl.int64)
-        b = row // T
-        t = row - b * T
-        row_ptr = grad_ptr + b * stride_b + t * stride_t
+        row_ptr = grad_ptr + row_offset(row, T, stride_b, stride_t)
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
