@@ -4,6 +4,10 @@ Group "ppo_loss_from_logits <B>x<T>x<V> <dtype>", one test per peer:
     rlhf_fast          rlhf_fast.ppo_loss_from_logits (backend "auto": the Triton kernel on GPU, the
                        reference on CPU), gradient written in the forward
     rlhf_fast-inplace  the same with inplace_backward=True (the gradient overwrites the logits)
+    rlhf_fast-triton-rows  the same with the row pass forced onto the Triton kernel
+                       (RLHF_FAST_PPO_CLUSTER=0: 2 reads + 1 write), to show what the sm_90 cluster
+                       kernel buys; skipped where the cluster kernel does not run (then
+                       "rlhf_fast" is that Triton kernel already)
     eager              log_softmax(x.float()) -> gather -> ratio -> clip -> k3 KL -> entropy bonus ->
                        token-mean, autograd backward
     compile            torch.compile of that eager composition
@@ -17,6 +21,8 @@ file to seconds. GPU timings synchronize inside the timed function.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -37,7 +43,7 @@ else:
     DTYPE = torch.float32
     ROUNDS = 3
 
-PEERS = ["rlhf_fast", "rlhf_fast-inplace", "eager", "compile"]
+PEERS = ["rlhf_fast", "rlhf_fast-inplace", "rlhf_fast-triton-rows", "eager", "compile"]
 
 
 _cache: dict = {}
@@ -79,8 +85,26 @@ def eager_ppo_from_logits(logits, labels, old, adv, mask, ref):
 _compiled = torch.compile(eager_ppo_from_logits, dynamic=False)
 
 
-def _rlhf_fast(inplace):
+def _cluster_kernel_runs(logits) -> bool:
+    from rlhf_fast.kernels.ppo_from_logits import cluster_size
+
+    return cluster_size(logits, logits) > 0
+
+
+def _rlhf_fast(inplace, triton_rows=False):
     def fn(logits, labels, old, adv, mask, ref):
+        if triton_rows:
+            from rlhf_fast.kernels.ppo_from_logits import CLUSTER_ENV
+
+            saved = os.environ.get(CLUSTER_ENV)
+            os.environ[CLUSTER_ENV] = "0"
+            try:
+                return _rlhf_fast(inplace)(logits, labels, old, adv, mask, ref)
+            finally:
+                if saved is None:
+                    del os.environ[CLUSTER_ENV]
+                else:
+                    os.environ[CLUSTER_ENV] = saved
         loss, _ = ppo_loss_from_logits(
             logits,
             labels,
@@ -102,6 +126,7 @@ def _rlhf_fast(inplace):
 FNS = {
     "rlhf_fast": _rlhf_fast(False),
     "rlhf_fast-inplace": _rlhf_fast(True),
+    "rlhf_fast-triton-rows": _rlhf_fast(False, triton_rows=True),
     "eager": eager_ppo_from_logits,
     "compile": lambda *a: _compiled(*a),
 }
@@ -112,6 +137,8 @@ FNS = {
 def test_bench_ppo_loss_from_logits(benchmark, peer, shape):
     fn = FNS[peer]
     logits, labels, old, adv, mask, ref = _inputs(shape)
+    if peer == "rlhf_fast-triton-rows" and not _cluster_kernel_runs(logits):
+        pytest.skip("the sm_90 cluster kernel does not run here: rlhf_fast already uses the Triton rows")
     benchmark.group = f"ppo_loss_from_logits {'x'.join(map(str, shape))} {DTYPE_NAMES[DTYPE]}"
     # inplace_backward overwrites its logits each round (with the gradient): timing is unaffected,
     # and the shared inputs stay intact because each peer works on its own copy.

@@ -64,6 +64,11 @@ at::Tensor kernel_mask(const at::Tensor& mask) {
   return mask.to(at::kFloat).contiguous();
 }
 
+#ifdef RLHF_FAST_WITH_CUDA
+// csrc/cuda/ppo_from_logits_cuda.cu
+int64_t ppo_rows_cluster_size(int64_t V, int64_t elem_size, int64_t device);
+#endif
+
 }  // namespace rlhf_fast
 
 TORCH_LIBRARY(rlhf_fast, m) {
@@ -76,6 +81,15 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // Discounted reward-to-go over counted steps; masked steps carry the running return through.
   m.def("discounted_returns(Tensor rewards, Tensor mask, float gamma) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Row pass of ppo_loss_from_logits on sm_90 (CUDA only; csrc/cuda/ppo_from_logits_cuda.cu):
+  // writes grad [B, T, V] (may be logits itself: inplace_backward), logp [N] and entropy [N].
+  // Called by the Triton launcher inside the opaque rlhf_fast::ppo_loss_from_logits_fwd custom
+  // op, never traced, so it has no fake implementation.
+  m.def(
+      "ppo_from_logits_rows(Tensor logits, Tensor(a!) grad, Tensor labels, Tensor old_logprobs, "
+      "Tensor advantages, Tensor? ref_logprobs, Tensor weights, Tensor(b!) logp, Tensor(c!) entropy, "
+      "float inv_temperature, int ignore_index, float eps_low, float eps_high, float? dual_clip, "
+      "float kl_coef, int kl_kind, float entropy_coef, int cluster) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -93,4 +107,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "cuda_archs", []() { return std::string(RLHF_FAST_CUDA_TARGETS); },
       "TORCH_CUDA_ARCH_LIST this build was compiled for ('' without CUDA).");
+  module.def(
+      "ppo_rows_cluster_size",
+      [](int64_t V, int64_t elem_size, int64_t device) -> int64_t {
+#ifdef RLHF_FAST_WITH_CUDA
+        return rlhf_fast::ppo_rows_cluster_size(V, elem_size, device);
+#else
+        (void)V;
+        (void)elem_size;
+        (void)device;
+        return 0;
+#endif
+      },
+      "Blocks per row of the sm_90 cluster kernel for ppo_loss_from_logits on rows of V elements of "
+      "elem_size bytes on CUDA device `device`; 0 when it cannot run there (then Triton runs).");
 }

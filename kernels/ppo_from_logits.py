@@ -17,10 +17,13 @@ Kernel plan: one program per token row (int64 offsets), two passes over the row:
           then the per-token scalars (ratio, clip branch, KL and their derivatives);
   pass 2: re-read the row and write its gradient in the logits' dtype.
 Traffic: 2 reads + 1 write of the logits. The 1 read + 1 write floor (ANCHORS.md) needs the row
-to stay on chip between the passes -- e.g. an sm_90 CUDA kernel splitting a row over a
-thread-block cluster, holding its slice in registers / shared memory and exchanging the partial
-max / sums through distributed shared memory. That is out of scope here: a row of 128k bf16
-(256 KB) does not fit one SM, and L2 does not keep it between passes at full occupancy.
+to stay on chip between the passes: a row of 128k bf16 (256 KB) does not fit one SM, and L2 does
+not keep it between passes at full occupancy. On sm_90 the launcher therefore hands the row pass
+to a CUDA kernel (csrc/cuda/ppo_from_logits_cuda.cu, op rlhf_fast::ppo_from_logits_rows) that
+splits each row over a thread-block cluster holding it in shared memory and exchanges the partial
+max / sums through distributed shared memory: 1 read + 1 write. This Triton kernel runs
+everywhere else (pre-sm_90 GPUs, the interpreter, rows not 16-byte aligned, no compiled
+extension) and when RLHF_FAST_PPO_CLUSTER=0; see `cluster_size`.
 Rows with weight 0 (masked or ignore_index tokens) are not read in pass 2 (their gradient row is
 written as zeros), and ignore_index rows are not read at all. When no gradient is wanted
 (grad_out=None: no_grad, logits not requiring grad) pass 2 is compiled out: 1 read in all.
@@ -42,6 +45,9 @@ token's results are bitwise the same whatever batch it is in.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -264,6 +270,53 @@ def _scale_grad_kernel(grad_ptr, stride_b, stride_t, g_ptr, T, V, BLOCK_V: tl.co
 # ------------------------------------------------------------------------------------------------
 # Launchers
 
+CLUSTER_ENV = "RLHF_FAST_PPO_CLUSTER"
+_CLUSTER_SIZES = (1, 2, 4, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
+    from rlhf_fast._backend import load_C
+
+    C = load_C()
+    if C is None or not C.with_cuda():
+        return 0
+    return int(C.ppo_rows_cluster_size(V, elem_size, device_index))
+
+
+def _rows_aligned16(t: torch.Tensor) -> bool:
+    e = t.element_size()
+    return (
+        t.data_ptr() % 16 == 0
+        and (t.shape[-1] * e) % 16 == 0
+        and (t.stride(0) * e) % 16 == 0
+        and (t.stride(1) * e) % 16 == 0
+    )
+
+
+def cluster_size(logits: torch.Tensor, grad_out: torch.Tensor | None) -> int:
+    """Blocks per row of the sm_90 cluster kernel for this call, or 0 for the Triton kernel.
+
+    The cluster kernel runs when a gradient is written (without one the Triton kernel reads the
+    row once: already the floor), the tensors are on a CUDA device of compute capability >= 9.0,
+    rlhf_fast._C was built with compute_90+ code, and the rows of logits and grad_out are 16-byte
+    aligned. The environment variable RLHF_FAST_PPO_CLUSTER picks: unset / "auto" (the kernel's
+    own choice from V and the dtype), "0" (always Triton), or 1 / 2 / 4 / 8 (that many blocks per
+    row where the kernel can run at all: for tuning).
+    """
+    mode = os.environ.get(CLUSTER_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0") and (not mode.isdigit() or int(mode) not in _CLUSTER_SIZES):
+        raise ValueError(f"{CLUSTER_ENV}={mode!r}: expected auto, 0, 1, 2, 4 or 8")
+    if mode == "0" or grad_out is None or logits.device.type != "cuda":
+        return 0
+    if not (_rows_aligned16(logits) and _rows_aligned16(grad_out)):
+        return 0
+    auto = _cluster_size_for(logits.shape[-1], logits.element_size(), logits.device.index or 0)
+    if auto == 0 or mode == "auto":
+        return auto
+    return int(mode)
+
+
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     """(stride_b, stride_t) of a [B, T, V] tensor whose last stride is 1."""
@@ -330,38 +383,61 @@ def ppo_from_logits_fwd(
         stats.zero_()
         return loss, logp.view(B, T), ent.view(B, T), stats
 
-    block_v, num_warps = row_config(V, logits.dtype)
-    lb, lt = _row_strides(logits)
-    gb, gt = _row_strides(grad_out)
-    _ppo_from_logits_fwd_kernel[(N,)](
-        logits,
-        lb,
-        lt,
-        grad_out,
-        gb,
-        gt,
-        labels_f,
-        old_f,
-        adv_f,
-        ref_f,
-        w_f,
-        logp,
-        ent,
-        T,
-        V,
-        1.0 / float(temperature),
-        int(ignore_index),
-        float(eps_low),
-        float(eps_high),
-        dual,
-        float(kl_coef),
-        float(entropy_coef),
-        HAS_DUAL=has_dual,
-        KL_KIND=kl_code,
-        WRITE_GRAD=write_grad,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    cluster = cluster_size(logits, grad_out if write_grad else None)
+    if cluster:
+        torch.ops.rlhf_fast.ppo_from_logits_rows(
+            logits,
+            grad_out,
+            labels_f.to(torch.int64),
+            old_f.to(torch.float32),
+            adv_f.to(torch.float32),
+            ref_f.to(torch.float32) if use_kl else None,
+            w_f,
+            logp,
+            ent,
+            1.0 / float(temperature),
+            int(ignore_index),
+            float(eps_low),
+            float(eps_high),
+            dual_clip if has_dual else None,
+            float(kl_coef),
+            kl_code,
+            float(entropy_coef),
+            cluster,
+        )
+    else:
+        block_v, num_warps = row_config(V, logits.dtype)
+        lb, lt = _row_strides(logits)
+        gb, gt = _row_strides(grad_out)
+        _ppo_from_logits_fwd_kernel[(N,)](
+            logits,
+            lb,
+            lt,
+            grad_out,
+            gb,
+            gt,
+            labels_f,
+            old_f,
+            adv_f,
+            ref_f,
+            w_f,
+            logp,
+            ent,
+            T,
+            V,
+            1.0 / float(temperature),
+            int(ignore_index),
+            float(eps_low),
+            float(eps_high),
+            dual,
+            float(kl_coef),
+            float(entropy_coef),
+            HAS_DUAL=has_dual,
+            KL_KIND=kl_code,
+            WRITE_GRAD=write_grad,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
     _ppo_from_logits_stats_kernel[(1,)](
         logp,
         ent,

@@ -335,6 +335,35 @@ def _liger_grpo():
     return forward
 
 
+def _rlhf_triton_rows():
+    # rlhf_fast with the row pass forced onto the Triton kernel (RLHF_FAST_PPO_CLUSTER=0: 2 reads
+    # + 1 write of the logits) next to the default (the sm_90 cluster kernel: 1 read + 1 write):
+    # what the cluster kernel buys, measured in the same run. Not run where the cluster kernel
+    # does not run (rlhf_fast is then this Triton kernel already).
+    import os
+
+    import rlhf_fast
+    from rlhf_fast._backend import load_C
+    from rlhf_fast.kernels.ppo_from_logits import CLUSTER_ENV
+
+    C = load_C()
+    if C is None or not C.with_cuda() or C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()) == 0:
+        raise RuntimeError("no sm_90 cluster kernel here: rlhf_fast runs the Triton rows already")
+
+    def forward(inp):
+        saved = os.environ.get(CLUSTER_ENV)
+        os.environ[CLUSTER_ENV] = "0"
+        try:
+            return _ppo_logits_call(rlhf_fast.ppo_loss_from_logits, inp)
+        finally:
+            if saved is None:
+                del os.environ[CLUSTER_ENV]
+            else:
+                os.environ[CLUSTER_ENV] = saved
+
+    return forward
+
+
 def _ppo_logits_bytes(shape, dtype, mode):
     B, T, V = shape
     es = torch.tensor([], dtype=dtype).element_size()
@@ -653,10 +682,11 @@ _add(
         output_names=("loss",),
         bytes_moved=_ppo_logits_bytes,
         peers={"eager": _eager_ppo_logits, "compile": _eager_ppo_logits},
-        gpu_peers={"liger": _liger_grpo},
+        gpu_peers={"triton-rows": _rlhf_triton_rows, "liger": _liger_grpo},
         subset=_bt_subset,
-        notes="k3 KL (coef 0.05) + entropy bonus (0.01), token-mean; liger: triton_grpo_loss "
-        "(per-sequence advantage, no entropy term)",
+        notes="k3 KL (coef 0.05) + entropy bonus (0.01), token-mean; triton-rows: rlhf_fast with "
+        "RLHF_FAST_PPO_CLUSTER=0 (the Triton row kernel instead of the sm_90 cluster kernel); "
+        "liger: triton_grpo_loss (per-sequence advantage, no entropy term)",
     )
 )
 _add(

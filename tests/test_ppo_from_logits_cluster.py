@@ -1,0 +1,207 @@
+"""The sm_90 cluster kernel behind ppo_loss_from_logits (csrc/cuda/ppo_from_logits_cuda.cu).
+
+On an H100 / H200 with a CUDA build of rlhf_fast._C the launcher hands the row pass to the CUDA
+kernel (1 read + 1 write of the logits) instead of the Triton kernel (2 reads + 1 write). These
+tests hold it to the reference composition and to the Triton kernel on the same inputs
+(RLHF_FAST_PPO_CLUSTER=0 forces Triton), for every option, dtype, cluster size, masking case and
+inplace_backward. They need such a GPU; the selection logic is tested everywhere.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+from test_ppo_from_logits import OPTIONS, check_all, expected_from_pieces
+
+from rlhf_fast import reference
+from rlhf_fast._backend import load_C
+from rlhf_fast.kernels import ppo_from_logits as pfl_kernels
+from rlhf_fast.ppo_from_logits import ppo_loss_from_logits
+
+ENV = pfl_kernels.CLUSTER_ENV
+
+
+def cluster_available() -> bool:
+    if not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0):
+        return False
+    C = load_C()
+    return C is not None and C.with_cuda() and C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()) > 0
+
+
+needs_cluster = pytest.mark.skipif(not cluster_available(), reason="needs an sm_90 GPU and a CUDA build of rlhf_fast._C")
+
+
+def make_inputs(B, T, V, dtype, *, seed=0, device="cuda", temperature=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=gen) * 2.0).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.ones(B, T)
+    mask[0, 1] = 0
+    mask[-1, T // 2 :] = 0
+    labels[0, 2 % T] = -100
+    logp = reference.logprobs(logits.float(), labels, temperature=temperature)
+    old = logp + 0.5 * torch.randn(B, T, generator=gen)
+    ref = logp + 0.5 * torch.randn(B, T, generator=gen)
+    adv = torch.randn(B, T, generator=gen)
+    old[:, 0] = logp[:, 0] - 1.0  # dual-clipped with A < 0
+    adv[:, 0] = -adv[:, 0].abs() - 0.1
+    return [t.to(device) for t in (logits, labels, old, adv, mask, ref)]
+
+
+def run(logits, labels, old, adv, mask, *, inplace=False, grad_scale=1.0, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    loss, stats = ppo_loss_from_logits(x, labels, old, adv, mask, backend="triton", inplace_backward=inplace, **kw)
+    (loss * grad_scale).backward()
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, x.grad
+
+
+def reference_run(logits, labels, old, adv, mask, *, grad_scale=1.0, **kw):
+    xr = logits.detach().float().clone().requires_grad_(True)
+    loss_r, stats_r = expected_from_pieces(xr, labels, old, adv, mask, **kw)
+    (loss_r * grad_scale).backward()
+    return loss_r.detach(), stats_r, xr.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection (runs everywhere)
+
+
+def test_cluster_size_is_zero_off_gpu_and_validates_the_env(monkeypatch):
+    x = torch.zeros(1, 2, 128256, dtype=torch.bfloat16)
+    assert pfl_kernels.cluster_size(x, x) == 0  # CPU tensors: the Triton kernel
+    monkeypatch.setenv(ENV, "0")
+    assert pfl_kernels.cluster_size(x, x) == 0
+    for bad in ("3", "16", "yes"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(ValueError, match=ENV):
+            pfl_kernels.cluster_size(x, x)
+
+
+def test_no_gradient_never_uses_the_cluster_kernel():
+    # Without a gradient the Triton kernel reads each row once: already the floor.
+    x = torch.zeros(1, 2, 128256, dtype=torch.bfloat16, device=DEVICE)
+    assert pfl_kernels.cluster_size(x, None) == 0
+
+
+def test_extension_exposes_the_op_and_the_size_query():
+    C = load_C()
+    if C is None:
+        pytest.skip("rlhf_fast._C is not built")
+    assert hasattr(torch.ops.rlhf_fast, "ppo_from_logits_rows")
+    if not C.with_cuda():
+        assert C.ppo_rows_cluster_size(128256, 2, 0) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the kernel against the reference and the Triton kernel
+
+
+@pytest.mark.gpu
+@needs_cluster
+@pytest.mark.parametrize(
+    "V,dtype,expect_cluster",
+    [
+        (2048, torch.float32, 1),
+        (32000, torch.bfloat16, 2),
+        (32000, torch.float32, 4),
+        (128256, torch.bfloat16, 8),
+        (151936, torch.float16, 8),
+        (256000, torch.bfloat16, 8),
+        (128256, torch.float32, 8),
+    ],
+)
+def test_matches_reference_and_triton(V, dtype, expect_cluster, monkeypatch):
+    kw = OPTIONS["everything"]
+    inputs = make_inputs(2, 5, V, dtype, temperature=kw["temperature"])
+    logits, labels, old, adv, mask, ref = inputs
+    assert pfl_kernels.cluster_size(logits, logits) == expect_cluster
+    got = run(logits, labels, old, adv, mask, ref_logprobs=ref, grad_scale=0.7, **kw)
+    want = reference_run(logits, labels, old, adv, mask, ref_logprobs=ref, grad_scale=0.7, **kw)
+    check_all(got, want, grad_dtype=dtype)
+    monkeypatch.setenv(ENV, "0")
+    triton_got = run(logits, labels, old, adv, mask, ref_logprobs=ref, grad_scale=0.7, **kw)
+    check_all(got, triton_got, grad_dtype=dtype)
+
+
+@pytest.mark.gpu
+@needs_cluster
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_option(name, dtype):
+    kw = dict(OPTIONS[name])
+    logits, labels, old, adv, mask, ref = make_inputs(3, 4, 32000, dtype, temperature=kw.get("temperature", 1.0))
+    if "kl_kind" in kw:
+        kw["ref_logprobs"] = ref
+    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw), dtype)
+
+
+@pytest.mark.gpu
+@needs_cluster
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+def test_forced_cluster_sizes(cluster, monkeypatch):
+    logits, labels, old, adv, mask, ref = make_inputs(2, 3, 16000, torch.bfloat16)
+    monkeypatch.setenv(ENV, cluster)
+    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
+    kw = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)
+    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
+              torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_cluster
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_and_grad_output(dtype):
+    logits, labels, old, adv, mask, ref = make_inputs(2, 4, 128256, dtype)
+    kw = dict(ref_logprobs=ref, kl_coef=0.2, entropy_coef=0.03)
+    a = run(logits, labels, old, adv, mask, grad_scale=-2.5, **kw)
+    b = run(logits, labels, old, adv, mask, grad_scale=-2.5, inplace=True, **kw)
+    torch.testing.assert_close(a[2], b[2], atol=0, rtol=0)  # same kernel, same bits
+    check_all(b, reference_run(logits, labels, old, adv, mask, grad_scale=-2.5, **kw), dtype)
+
+
+@pytest.mark.gpu
+@needs_cluster
+def test_masking_neg_inf_and_bad_labels():
+    V = 32000
+    logits, labels, old, adv, mask, ref = make_inputs(2, 4, V, torch.bfloat16)
+    logits[0, 3, ::3] = -float("inf")  # a counted row with -inf entries
+    logits[1, 0, 100:] = -float("inf")
+    labels[1, 0] = 5
+    mask[1, 1] = 0  # weight-0 row: read for its log-prob, gradient zeros
+    got = run(logits, labels, old, adv, mask, entropy_coef=0.05)
+    want = reference_run(logits, labels, old, adv, mask, entropy_coef=0.05)
+    check_all(got, want, torch.bfloat16)
+    assert torch.all(got[2][1, 1] == 0) and torch.all(got[2][0, 2] == 0)  # masked row, ignore_index row
+    assert got[1]["logprobs"][0, 2] == 0  # ignore_index
+    bad = labels.clone()
+    bad[0, 0] = V + 7
+    loss, stats, grad = run(logits, bad, old, adv, mask)
+    assert torch.isnan(stats["logprobs"][0, 0]) and torch.isnan(loss)
+
+
+@pytest.mark.gpu
+@needs_cluster
+def test_unaligned_rows_fall_back_to_triton():
+    V = 1271  # V * 2 bytes is not a multiple of 16
+    x = torch.randn(1, 3, V, device="cuda", dtype=torch.bfloat16)
+    assert pfl_kernels.cluster_size(x, x) == 0
+    y = torch.randn(1, 3, 4096 + 8, device="cuda", dtype=torch.bfloat16)[..., :4096]  # aligned V, row stride 4104
+    assert pfl_kernels.cluster_size(y, y) == 1  # 4104 * 2 bytes is a multiple of 16: still eligible
+    z = torch.randn(8 * 4096 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(1, 8, 4096)  # base off by 2 bytes
+    assert pfl_kernels.cluster_size(z, z) == 0
+
+
+@pytest.mark.gpu
+@needs_cluster
+def test_strided_slice_and_batch_invariance():
+    V = 128256
+    logits, labels, old, adv, mask, ref = make_inputs(2, 6, V, torch.bfloat16)
+    view = logits[:, :-1]  # [B, T-1, V] view with stride_b = T * V: read in place
+    kw = dict(ref_logprobs=ref[:, :-1], kl_coef=0.1, entropy_coef=0.01)
+    got = run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
+    want = reference_run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
+    check_all(got, want, torch.bfloat16)
+    # A row's log-prob and entropy do not depend on the batch it is in (bitwise).
+    full = ppo_loss_from_logits(logits.clone().requires_grad_(True), labels, old, adv, mask, entropy_coef=0.01)[1]
+    one = ppo_loss_from_logits(logits[1:2, 3:4].clone().requires_grad_(True), labels[1:2, 3:4], old[1:2, 3:4],
+                               adv[1:2, 3:4], torch.ones(1, 1, device="cuda"), entropy_coef=0.01)[1]
+    assert torch.equal(full["logprobs"][1, 3], one["logprobs"][0, 0])
