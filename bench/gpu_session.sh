@@ -10,6 +10,8 @@
 #                                     # python -m rlhf_fast.bench at the ANCHORS.md sizes, in two calls
 #                                     # so each stays under the 10-minute limit of one device command
 #   bash bench/gpu_session.sh suites  # the pytest-benchmark suites (--benchmark-json in $OUT)
+# If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
+# run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after.
 # Each stage after `build` reinstalls into /tmp when the machine is fresh (a ~1.5 min sm_90 build).
 #
 # Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
@@ -38,9 +40,23 @@ build_and_test() {
   cuobjdump --list-elf "$site"/rlhf_fast/_C*.so | tee "$OUT/cuobjdump.txt"
   # The suite runs from a directory away from the source tree, against the installed wheel.
   mkdir -p /tmp/rlhf_tests && cp -r tests examples /tmp/rlhf_tests/
-  (cd /tmp/rlhf_tests && PYTHONPATH="$site:${PYTHONPATH:-}" python3 -m rlhf_fast.info && \
-   PYTHONPATH="$site:${PYTHONPATH:-}" python3 -m pytest tests -q -p no:cacheprovider -x --durations=15 2>&1) \
-    | tee "$OUT/tests.log" | tail -40
+  cd /tmp/rlhf_tests || return 1
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
+  python3 -m rlhf_fast.info | tee "$OUT/info.txt"
+  # The sm_90 cluster kernel first, bounded: a cluster-barrier bug would hang rather than fail.
+  # If it fails or hangs, the rest of the suite runs on the Triton rows (RLHF_FAST_PPO_CLUSTER=0)
+  # so one broken kernel does not hide the others' results.
+  timeout 180 python3 -m pytest tests/test_ppo_from_logits_cluster.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests-cluster.log" | tail -25
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "cluster kernel tests: rc=$rc (124 = timed out / hang); the suite below runs with RLHF_FAST_PPO_CLUSTER=0" \
+      | tee -a "$OUT/tests-cluster.log"
+    export RLHF_FAST_PPO_CLUSTER=0
+  fi
+  timeout $((560 - (SECONDS - t0))) python3 -m pytest tests -q -p no:cacheprovider --maxfail=25 --durations=15 \
+    --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -40
+  cd - >/dev/null || true
 }
 
 install_if_fresh() {

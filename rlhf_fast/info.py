@@ -36,6 +36,14 @@ def collect() -> dict:
     C = _backend.load_C()
     with_cuda = bool(C.with_cuda()) if C is not None else False
     cuda_archs = C.cuda_archs() if C is not None else ""
+    # The sm_90 cluster kernel of ppo_loss_from_logits (rows of 128256 bf16 as the probe); asking
+    # initialises CUDA, so only where a GPU exists and the extension has CUDA code.
+    ppo_cluster = None
+    if with_cuda and torch.cuda.is_available():
+        try:
+            ppo_cluster = int(C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()))
+        except Exception:  # noqa: BLE001 - informational only
+            ppo_cluster = 0
     ops = {}
     for name in sorted(_backend.OPS):
         row = {"available": _backend.available_backends(name)}
@@ -55,6 +63,7 @@ def collect() -> dict:
         "extension_error": _backend.C_error(),
         "extension_with_cuda": with_cuda,
         "extension_cuda_archs": cuda_archs,
+        "ppo_cluster_blocks": ppo_cluster,
         "ops": ops,
         "import_errors": import_errors,
     }
@@ -69,6 +78,10 @@ def main(argv=None) -> int:
     if info["extension_loaded"]:
         cuda = f"with CUDA (archs {info['extension_cuda_archs']})" if info["extension_with_cuda"] else "CPU only"
         print(f"extension rlhf_fast._C: loaded, {cuda}")
+        if info["ppo_cluster_blocks"] is not None:
+            blocks = info["ppo_cluster_blocks"]
+            state = f"on ({blocks} blocks per 128256-wide bf16 row)" if blocks else "off (needs sm_90 and compute_90 code)"
+            print(f"ppo_loss_from_logits sm_90 cluster kernel: {state}")
     else:
         print(f"extension rlhf_fast._C: NOT loaded ({info['extension_error']})")
     print()
