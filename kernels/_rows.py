@@ -25,13 +25,12 @@ import triton.language as tl
 __all__ = ["MAX_BLOCK_V", "WARPS_BY_BLOCK", "row_config", "row_lse_entropy", "row_online_stats"]
 
 # ---- launch-config table (the single place to tune) --------------------------------------------
-# Widest chunk of a row per loop iteration, by logits dtype: 8 KB of logits per chunk.
-# ANCHORS.md calibrated 2048-wide blocks with 8 warps at 90-96% of copy bandwidth on H100 (8
-# elements per thread per load: 32 B fp32, 16 B for 16-bit types); 4096 x 16-bit keeps the bytes
-# per chunk of the fp32 case. Compiled for sm_90 (Triton 3.9 ptxas): 63 registers for the fused PPO kernel at
-# 4096 x bf16, 32 for the log-prob forward, no spills. Not yet
-# timed on an H100 in this project: a GPU session tunes these two tables (and nothing else).
-MAX_BLOCK_V = {torch.float32: 2048, torch.bfloat16: 4096, torch.float16: 4096}
+# Widest chunk of a row per loop iteration, by logits dtype. ANCHORS.md measured a plain one-program-
+# per-row Triton log-prob forward on an H100 with bf16 logits, 2048-wide blocks and 8 warps, at
+# 90-96 % of copy bandwidth (8 elements per thread per load): that configuration is the default
+# for every dtype until this project's own H100 run tunes it (compiled for sm_90 with Triton 3.9
+# ptxas: no spills). A GPU session tunes these two tables (and nothing else).
+MAX_BLOCK_V = {torch.float32: 2048, torch.bfloat16: 2048, torch.float16: 2048}
 # (smallest BLOCK_V, num_warps), first match wins.
 WARPS_BY_BLOCK = ((2048, 8), (512, 4), (0, 2))
 _MIN_BLOCK_V = 16

@@ -538,7 +538,8 @@ def test_row_config_is_one_table_for_both_kernels():
             block, warps = row_config(V, dtype)
             assert block & (block - 1) == 0 and 16 <= block <= 4096 and warps in (2, 4, 8)
             assert block >= min(V, 2048)
-    assert row_config(128256, torch.bfloat16) == (4096, 8) and row_config(128256, torch.float32) == (2048, 8)
+    # The configuration ANCHORS.md calibrated on an H100 (2048-wide blocks, 8 warps) for wide rows.
+    assert row_config(128256, torch.bfloat16) == (2048, 8) and row_config(128256, torch.float32) == (2048, 8)
     assert not hasattr(pfl_kernels, "_row_config")
 
 
