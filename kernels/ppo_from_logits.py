@@ -272,6 +272,7 @@ def _scale_grad_kernel(grad_ptr, stride_b, stride_t, g_ptr, T, V, BLOCK_V: tl.co
 
 CLUSTER_ENV = "RLHF_FAST_PPO_CLUSTER"
 _CLUSTER_SIZES = (1, 2, 4, 8)
+_MAX_SLICE_BYTES = 192 * 1024  # kMaxSliceBytes in csrc/cuda/ppo_from_logits_cuda.cu
 
 
 @functools.lru_cache(maxsize=None)
@@ -314,7 +315,10 @@ def cluster_size(logits: torch.Tensor, grad_out: torch.Tensor | None) -> int:
     auto = _cluster_size_for(logits.shape[-1], logits.element_size(), logits.device.index or 0)
     if auto == 0 or mode == "auto":
         return auto
-    return int(mode)
+    # A forced size whose slices would not fit the kernel's shared memory falls back to auto.
+    forced = int(mode)
+    n_vec = logits.shape[-1] * logits.element_size() // 16
+    return forced if -(-n_vec // forced) * 16 <= _MAX_SLICE_BYTES else auto
 
 
 
@@ -399,7 +403,7 @@ def ppo_from_logits_fwd(
             int(ignore_index),
             float(eps_low),
             float(eps_high),
-            dual_clip if has_dual else None,
+            dual if has_dual else None,
             float(kl_coef),
             kl_code,
             float(entropy_coef),

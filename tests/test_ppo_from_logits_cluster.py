@@ -148,6 +148,14 @@ def test_forced_cluster_sizes(cluster, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cluster
+def test_forced_cluster_too_small_for_the_row_falls_back_to_auto(monkeypatch):
+    x = torch.empty(1, 2, 128256, device="cuda", dtype=torch.bfloat16)  # 1 block: a 250 KB slice
+    monkeypatch.setenv(ENV, "1")
+    assert pfl_kernels.cluster_size(x, x) == 8
+
+
+@pytest.mark.gpu
+@needs_cluster
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_and_grad_output(dtype):
     logits, labels, old, adv, mask, ref = make_inputs(2, 4, 128256, dtype)
@@ -176,6 +184,8 @@ def test_masking_neg_inf_and_bad_labels():
     bad[0, 0] = V + 7
     loss, stats, grad = run(logits, bad, old, adv, mask)
     assert torch.isnan(stats["logprobs"][0, 0]) and torch.isnan(loss)
+    assert torch.isnan(grad[0, 0]).all()  # the whole row, as the Triton kernel gives
+    assert not torch.isnan(grad[0, 3]).any()  # other rows untouched
 
 
 @pytest.mark.gpu

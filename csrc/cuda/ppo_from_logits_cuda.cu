@@ -24,8 +24,8 @@
 // gradient 0); a row with weight 0 is read for its statistics but its gradient row is written as
 // zeros without the per-element math; a label outside [0, V) gives NaN (never an out-of-bounds
 // read). The gradient may be the logits' own storage (inplace_backward): a block overwrites only
-// its own slice, after it has copied it, and every block reads the label's logit before the
-// cluster barrier that precedes the first write.
+// its own slice, after it has copied it, and block 0 reads the label's logit before the cluster
+// barrier that precedes the first write.
 //
 // Requirements (checked on the host, the Python launcher falls back to Triton otherwise): an sm_90+
 // device running code compiled for compute_90+, rows 16-byte aligned (V * element size, the row
@@ -259,6 +259,12 @@ __device__ __forceinline__ float kl_dlogp(float diff, int kind) {
   }
 }
 
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // cp.async (sm_80+): 16 bytes global -> shared without staging in registers, so a block has its
 // whole slice in flight at once.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
@@ -276,6 +282,10 @@ __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 }
 
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
@@ -286,8 +296,11 @@ __device__ __forceinline__ void cluster_wait() {
 // The kernel: grid = N * C blocks of kThreads, cluster (C, 1, 1); block b handles slice
 // b % C of row b / C. Dynamic shared memory: slice_vec 16-byte vectors.
 
+// Launch bounds pin 7 resident blocks per SM (<= 36 registers): at 128256 x bf16 a block uses
+// 32064 + ~100 bytes of shared memory, 7 of them 225 KB of the SM's 228 KB, so a few hundred more
+// bytes of static shared memory per block would drop it to 6.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowParams p) {
+__global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const RowParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using V = Vec<scalar_t>;
@@ -312,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowPar
   const bool ignored = label == p.ignore_index;
   const bool in_range = label >= 0 && label < p.V;
   const float w = p.weights[row];
-  const bool counted = w != 0.f;
+  const bool counted = w != 0.f && !ignored;  // an ignored row has no slice in shared memory
 
   const int64_t n_vec = p.V / kN;
   const int64_t vec_begin = static_cast<int64_t>(rank) * p.slice_vec;
@@ -324,10 +337,11 @@ __global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowPar
   if (!ignored) {
     for (int v = threadIdx.x; v < n_local; v += kThreads) cp_async_16(&slice[v], &src[v]);
   }
-  // The label's logit, read by every block before the cluster barrier that precedes any gradient
-  // write (with inplace_backward the gradient overwrites the logits).
+  // The label's logit, read by block 0 before the cluster barrier that precedes any gradient write
+  // (with inplace_backward the gradient overwrites the logits) and handed to the others in its
+  // partial.
   float x_label = 0.f;
-  if (threadIdx.x == 0 && in_range && !ignored) x_label = V::scalar(row_in + label) * p.inv_temperature;
+  if (threadIdx.x == 0 && rank == 0 && in_range && !ignored) x_label = V::scalar(row_in + label) * p.inv_temperature;
   cp_async_wait_all();
   __syncthreads();
 
@@ -343,24 +357,31 @@ __global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowPar
   m_local = block_max(m_local, reinterpret_cast<float*>(scratch));
   float2 st = make_float2(0.f, 0.f);
   if (m_local > -INFINITY) {
+    // log2 domain: e = 2^d2, d2 = (x / tau - m) log2(e); t is rescaled by ln 2 once, below.
+    const float c = p.inv_temperature * 1.4426950408889634f;
+    const float mc = m_local * 1.4426950408889634f;
     for (int v = threadIdx.x; v < n_read; v += kThreads) {
       float x[kN];
       V::unpack(slice[v], x);
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        const float d = x[k] * p.inv_temperature - m_local;
-        const float e = __expf(d);
+        const float d2 = fmaf(x[k], c, -mc);
+        const float e = ex2_ftz(d2);  // NaN stays NaN, -inf -> 0
         st.x += e;
-        st.y += e > 0.f ? e * d : 0.f;  // e == 0 where x = -inf: 0, not 0 * -inf
+        st.y = fmaf(e, fmaxf(d2, -3.0e38f), st.y);  // x = -inf: 0 * finite, not 0 * -inf
       }
     }
+    st.y *= 0.6931471805599453f;
   }
   st = block_sum2(st, scratch);
   if (threadIdx.x == 0) partial = make_float4(m_local, st.x, st.y, x_label);
-  cluster.sync();
+  // Only warp 0 wrote (partial) or will read (peers' partials) cluster-visible data: it alone
+  // needs release semantics; the MEMBAR.GPU of .release is skipped in warps 1..7.
+  if (threadIdx.x < 32) cluster_arrive(); else cluster_arrive_relaxed();
+  cluster_wait();
 
   // 3. merge the cluster's partials, in rank order, in the first warp; lanes >= csize hold the
-  // empty set. The label's logit comes from the same partials (every block read it).
+  // empty set. The label's logit comes from block 0's partial.
   if (threadIdx.x < 32) {
     RowStats mine{-INFINITY, 0.f, 0.f};
     float xl = 0.f;
@@ -388,8 +409,7 @@ __global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowPar
   }
   // The peers' partials have been read: let them go on (their shared memory must outlive our
   // reads, hence the wait at the very end).
-  __syncwarp();
-  cluster_arrive();
+  if (threadIdx.x < 32) { __syncwarp(); cluster_arrive(); } else { cluster_arrive_relaxed(); }
   __syncthreads();
   const float lse = row_shared.x;
   const float ent_raw = row_shared.y;
@@ -412,18 +432,36 @@ __global__ void __launch_bounds__(kThreads) ppo_rows_cluster_kernel(const RowPar
     if (p.kl_kind != kKlNone) g_logp += p.kl_coef * kl_dlogp(logp - p.ref_logprobs[row], p.kl_kind);
     const float a = w * g_logp * p.inv_temperature;
     const float bcoef = w * p.entropy_coef * p.inv_temperature;
-    const int64_t col0 = vec_begin * kN;
-    for (int v = threadIdx.x; v < n_local; v += kThreads) {
+    // grad_j = p_j (b' x_j - K) (+ a at the label), p_j = 2^(x_j c - lse log2 e),
+    // K = a - bcoef (ent - lse), b' = bcoef / tau: log p_j + H folded into one FMA.
+    const float c = p.inv_temperature * 1.4426950408889634f;
+    const float lse2 = lse * 1.4426950408889634f;
+    const float K = a - bcoef * (ent - lse);
+    const float bp = bcoef * p.inv_temperature;
+    const int64_t label_rel = in_range ? label - vec_begin * kN : -1;
+    // A NaN a or K (a label outside [0, V) gives logp = NaN) must give a NaN row, as the Triton
+    // kernel does; the clamp below would turn it into a finite value.
+    const bool nan_row = !(a == a) || !(K == K);
+    for (int v = threadIdx.x; nan_row && v < n_local; v += kThreads) {
+      float x[kN];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) x[k] = NAN;
+      dst[v] = V::pack(x);
+    }
+    for (int v = threadIdx.x; !nan_row && v < n_local; v += kThreads) {
       float x[kN];
       V::unpack(slice[v], x);
-      const int64_t col = col0 + static_cast<int64_t>(v) * kN;
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        const float xs = x[k] * p.inv_temperature;
-        const float log_p = xs > -INFINITY ? xs - lse : 0.f;
-        const float prob = __expf(xs - lse);
-        const float soft = prob * (a - bcoef * (log_p + ent));
-        x[k] = (col + k == label ? a : 0.f) - soft;
+        const float prob = ex2_ftz(fmaf(x[k], c, -lse2));
+        const float u = fminf(fmaxf(fmaf(bp, x[k], -K), -3.0e38f), 3.0e38f);  // x = -inf: p = 0, 0 * finite
+        x[k] = prob * u;
+      }
+      const int64_t rel = label_rel - static_cast<int64_t>(v) * kN;
+      if (rel >= 0 && rel < kN) {
+#pragma unroll
+        for (int k = 0; k < kN; ++k)
+          if (rel == k) x[k] += a;
       }
       __stcs(&dst[v], V::pack(x));  // streaming store: the gradient is not re-read soon
     }
@@ -496,20 +534,28 @@ bool cluster_launchable(int device, int cluster, int64_t smem_bytes) {
   const bool queried = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
                        cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
                            cudaSuccess;
-  // (1 KB of the opt-in limit is left for the kernel's static shared memory.)
-  if (queried && major >= 9 && smem_bytes <= static_cast<int64_t>(smem_optin) - 1024) {
+  // (1 KB of the opt-in limit is left for the kernel's static shared memory, ~100 bytes.)
+  if (queried && major >= 9 && kMaxSliceBytes <= static_cast<int64_t>(smem_optin) - 1024 && smem_bytes <= kMaxSliceBytes) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     const void* fn = reinterpret_cast<const void*>(&ppo_rows_cluster_kernel<scalar_t>);
     cudaFuncAttributes attrs;
-    if (cudaFuncGetAttributes(&attrs, fn) == cudaSuccess && attrs.ptxVersion >= 90 &&
-        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)) ==
-            cudaSuccess) {
-      cudaLaunchAttribute attr;
-      cudaLaunchConfig_t config = launch_config<scalar_t>(1, cluster, smem_bytes, nullptr, &attr);
-      int n_clusters = 0;
-      ok = cudaOccupancyMaxActiveClusters(&n_clusters, fn, &config) == cudaSuccess && n_clusters > 0;
+    // The dynamic shared-memory limit is set once, to the largest slice any launch may use: a
+    // per-launch setting could race between host threads launching different V.
+    bool failed = cudaFuncGetAttributes(&attrs, fn) != cudaSuccess;
+    if (!failed && attrs.ptxVersion >= 90) {
+      failed = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kMaxSliceBytes)) != cudaSuccess;
+      if (!failed) {
+        cudaLaunchAttribute attr;
+        cudaLaunchConfig_t config = launch_config<scalar_t>(1, cluster, smem_bytes, nullptr, &attr);
+        int n_clusters = 0;
+        failed = cudaOccupancyMaxActiveClusters(&n_clusters, fn, &config) != cudaSuccess;
+        ok = !failed && n_clusters > 0;
+      }
     }
-    (void)cudaGetLastError();  // a refusal above is an answer, not a sticky error for the caller
+    // A refusal above is an answer, not a sticky error for the caller (cleared only when one of
+    // these calls failed, so an unrelated pending error is left for its owner).
+    if (failed) (void)cudaGetLastError();
   }
   cache.emplace(key, ok);
   return ok;
@@ -620,10 +666,6 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
     TORCH_CHECK(cluster_launchable<scalar_t>(device, static_cast<int>(cluster), smem), op,
                 ": the cluster kernel cannot run here (needs an sm_90+ GPU, a build with compute_90+ code, and ",
                 cluster, " resident blocks of ", smem, " bytes of shared memory)");
-    // The shared-memory limit is a per-function attribute: set it for this launch's slice (a cached
-    // answer above may have been computed for a different one).
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(&ppo_rows_cluster_kernel<scalar_t>),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = launch_config<scalar_t>(N, static_cast<int>(cluster), smem, stream, &attr);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, ppo_rows_cluster_kernel<scalar_t>, p));
