@@ -377,6 +377,8 @@ def ppo_from_logits_fwd(
     ref_f = ref_logprobs.reshape(N).contiguous() if use_kl else old_f  # dummy pointer when unused
     has_dual = dual_clip is not None
     dual = float(dual_clip) if has_dual else 0.0
+    inv_t = 1.0 / float(temperature)
+    eps_low, eps_high, kl_coef, entropy_coef = float(eps_low), float(eps_high), float(kl_coef), float(entropy_coef)
 
     logp = torch.empty(N, dtype=torch.float32, device=device)
     ent = torch.empty(N, dtype=torch.float32, device=device)
@@ -399,14 +401,14 @@ def ppo_from_logits_fwd(
             w_f,
             logp,
             ent,
-            1.0 / float(temperature),
+            inv_t,
             int(ignore_index),
-            float(eps_low),
-            float(eps_high),
+            eps_low,
+            eps_high,
             dual if has_dual else None,
-            float(kl_coef),
+            kl_coef,
             kl_code,
-            float(entropy_coef),
+            entropy_coef,
             cluster,
         )
     else:
@@ -429,13 +431,13 @@ def ppo_from_logits_fwd(
             ent,
             T,
             V,
-            1.0 / float(temperature),
+            inv_t,
             int(ignore_index),
-            float(eps_low),
-            float(eps_high),
+            eps_low,
+            eps_high,
             dual,
-            float(kl_coef),
-            float(entropy_coef),
+            kl_coef,
+            entropy_coef,
             HAS_DUAL=has_dual,
             KL_KIND=kl_code,
             WRITE_GRAD=write_grad,
@@ -453,11 +455,11 @@ def ppo_from_logits_fwd(
         loss,
         stats,
         N,
-        float(eps_low),
-        float(eps_high),
+        eps_low,
+        eps_high,
         dual,
-        float(kl_coef),
-        float(entropy_coef),
+        kl_coef,
+        entropy_coef,
         HAS_DUAL=has_dual,
         KL_KIND=kl_code,
         BLOCK=1024,

@@ -96,7 +96,47 @@ struct RowParams {
 // 16-byte vectors of each element type, as fp32
 
 template <typename T>
-struct Vec;
+struct Pair16;
+
+template <>
+struct Pair16<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  __device__ __forceinline__ static float2 to_float2(T2 h) { return __bfloat1622float2(h); }
+  __device__ __forceinline__ static T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
+};
+
+template <>
+struct Pair16<__half> {
+  using T2 = __half2;
+  __device__ __forceinline__ static float2 to_float2(T2 h) { return __half22float2(h); }
+  __device__ __forceinline__ static T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+  __device__ __forceinline__ static float to_float(__half h) { return __half2float(h); }
+};
+
+// bf16 / fp16: 8 per vector, converted in pairs.
+template <typename T>
+struct Vec {
+  static constexpr int kN = 8;
+  using P = Pair16<T>;
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&x)[kN]) {
+    const typename P::T2* h = reinterpret_cast<const typename P::T2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = P::to_float2(h[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&x)[kN]) {
+    uint4 r;
+    typename P::T2* h = reinterpret_cast<typename P::T2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = P::from_floats(x[2 * i], x[2 * i + 1]);
+    return r;
+  }
+  __device__ __forceinline__ static float scalar(const void* p) { return P::to_float(*static_cast<const T*>(p)); }
+};
 
 template <>
 struct Vec<float> {
@@ -111,52 +151,6 @@ struct Vec<float> {
     return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
   }
   __device__ __forceinline__ static float scalar(const void* p) { return *static_cast<const float*>(p); }
-};
-
-template <>
-struct Vec<__nv_bfloat16> {
-  static constexpr int kN = 8;
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&x)[kN]) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&x)[kN]) {
-    uint4 r;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
-    return r;
-  }
-  __device__ __forceinline__ static float scalar(const void* p) {
-    return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
-  }
-};
-
-template <>
-struct Vec<__half> {
-  static constexpr int kN = 8;
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&x)[kN]) {
-    const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&x)[kN]) {
-    uint4 r;
-    __half2* h = reinterpret_cast<__half2*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
-    return r;
-  }
-  __device__ __forceinline__ static float scalar(const void* p) { return __half2float(*static_cast<const __half*>(p)); }
 };
 
 // ---------------------------------------------------------------------------------------------
