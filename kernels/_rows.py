@@ -60,7 +60,9 @@ def row_online_stats(
     inv_temperature,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    EVICTION: tl.constexpr = "",
+    # A constexpr default must itself be a tl.constexpr: Triton 3.6 does not wrap a plain default
+    # of an omitted helper argument ("'str' object has no attribute 'type'" at compile time).
+    EVICTION: tl.constexpr = tl.constexpr(""),
 ):
     """(m, s, t) of row_ptr[0:n_cols] / temperature; see the module docstring."""
     cols = tl.arange(0, BLOCK_V)
