@@ -32,9 +32,10 @@ from rlhf_fast._backend import kernel_mask
 
 from ._terms import KL_CODES, kl_term, kl_value
 
-# Elementwise kernels: 4096 elements per program, 8 warps -> 16 fp32 per thread per tensor, enough
-# loads in flight to saturate HBM on H100 while keeping the grid large for small inputs.
-_ELEM_BLOCK = 4096
+# Elementwise kernels: 2048 elements per program, 8 warps -> 8 per thread per tensor (two 16-byte
+# loads of fp32), the usual elementwise shape. 4096 (16 per thread) made Triton 3.6 allocate up to
+# 122 registers for the KL backward on sm_90 (2 blocks per SM); not yet timed on an H100.
+_ELEM_BLOCK = 2048
 _ELEM_WARPS = 8
 
 
