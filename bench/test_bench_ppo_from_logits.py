@@ -157,7 +157,6 @@ def test_bench_ppo_loss_from_logits(benchmark, peer, shape):
         run()
         benchmark.extra_info["extra_GB"] = round((torch.cuda.max_memory_allocated() - start) / 1e9, 2)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    del x
 
     floor = 2 * logits.numel() * logits.element_size()
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if HAS_CUDA else "cpu"

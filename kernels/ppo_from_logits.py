@@ -275,7 +275,7 @@ _CLUSTER_SIZES = (1, 2, 4, 8)
 _MAX_SLICE_BYTES = 192 * 1024  # kMaxSliceBytes in csrc/cuda/ppo_from_logits_cuda.cu
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
     from rlhf_fast._backend import load_C
 

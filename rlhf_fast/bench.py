@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import _bench_cases
+from rlhf_fast import _bench_cases, _bench_targets
 from rlhf_fast._bench_cases import DTYPE_NAMES, DTYPES, SPECS, Case, OpSpec
 
 # Per-dtype (atol, rtol), as tests/conftest.py: values computed in fp32 from inputs of that dtype
@@ -72,8 +72,15 @@ KERNEL_CHECK_MAX_ELEMS = 2**15
 # name -> callable used instead of rlhf_fast.<name> (same signature, backend= included).
 FAST_OVERRIDES: dict[str, Callable] = {}
 
-PEER_ORDER = ("rlhf_fast", "eager", "compile", "liger", "cce")
-PEER_TITLES = {"rlhf_fast": "rlhf_fast", "eager": "eager", "compile": "compile", "liger": "Liger", "cce": "CCE"}
+PEER_ORDER = ("rlhf_fast", "eager", "compile", "triton-rows", "liger", "cce")
+PEER_TITLES = {
+    "rlhf_fast": "rlhf_fast",
+    "eager": "eager",
+    "compile": "compile",
+    "triton-rows": "rlhf_fast triton-rows",
+    "liger": "Liger",
+    "cce": "CCE",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1048,10 +1055,22 @@ def _run(args) -> int:
         for n in notes:
             print(f"- {n}")
 
+    # The issues' H100 targets, judged on this run (GPU runs only: CPU sizes are not theirs).
+    targets_md = None
+    if cuda:
+        targets_md = markdown_table(_bench_targets.TARGETS_HEADER, _bench_targets.targets_rows(results))
+        print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
+        print(targets_md)
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
     data = to_json(meta, bandwidth, bw_how, results)
+    if cuda:
+        data["targets"] = [
+            dict(zip(("issue", "target", "case", "measured", "verdict"), row))
+            for row in _bench_targets.targets_rows(results)
+        ]
     plots, plot_msg = write_plots(results, bandwidth, stem)
     data["plots"] = [p.name for p in plots]
     stem.with_suffix(".json").write_text(json.dumps(_json_safe(data), indent=2) + "\n")
@@ -1064,6 +1083,8 @@ def _run(args) -> int:
         "",
         LEGEND,
     ]
+    if targets_md:
+        md += ["", "## Issue targets (bounds for an H100)", "", targets_md]
     mem = memory_table(results)
     if mem:
         md += ["", "## Peak extra memory (GB) per implementation", "", mem]

@@ -178,3 +178,57 @@ def test_check_on_a_subset(op):
     fn = getattr(ref, spec.api)
     result = bench.run_check(spec, case, inputs, fn, fn)
     assert result.status == "ok", result.note
+
+
+# ----------------------------------------------------------------------------------------------
+# The issues' targets table (printed on GPU runs)
+
+
+def _result(op, shape, mode, dtype, ms, floor_ms=None, extra_gb=None):
+    r = bench.CaseResult(Case(op, shape, dtype, mode))
+    r.floor_ms = floor_ms
+    r.peers["rlhf_fast"] = bench.PeerResult("ok", ms=ms, extra_gb=extra_gb)
+    return r
+
+
+def test_every_target_reads_a_case_of_the_gpu_run():
+    from rlhf_fast import _bench_targets
+
+    cases = {(c.op, c.shape, c.mode, c.dtype) for c in _bench_cases.gpu_cases(torch.bfloat16, quick=True)}
+    for t in _bench_targets.TARGETS:
+        assert (t.op, t.shape, t.mode, t.dtype) in cases, t
+        if t.versus is not None:
+            assert (t.versus, t.shape, t.mode, t.dtype) in cases, t
+
+
+def test_targets_are_judged_per_metric():
+    from rlhf_fast import _bench_targets as bt
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    results = [
+        _result("logprobs", (16384, 32000), "fwd", bf16, ms=0.40, floor_ms=0.36),  # 0.90: met
+        _result("logprobs", (16384, 128256), "fwd", bf16, ms=2.00, floor_ms=1.39),  # 0.70: missed
+        _result("logprobs+entropy", (16384, 32000), "fwd", bf16, ms=0.43),  # 1.075 x: met
+        _result("logprobs+entropy", (16384, 128256), "fwd", bf16, ms=2.40),  # 1.2 x: missed
+        _result("logprobs", (16384, 128256), "fwd+bwd", bf16, ms=4.9, extra_gb=9.0),  # ms met, memory missed
+        _result("gae", (1024, 4096), "fwd", f32, ms=0.2),  # missed
+    ]
+    rows = {(r[1], r[2]): (r[3], r[4]) for r in bt.targets_rows(results)}
+    frac = "log-probs forward >= 85 % of copy bandwidth"
+    assert rows[(frac, "logprobs fwd 16384x32000 bf16")][1] == "met"
+    assert rows[(frac, "logprobs fwd 16384x128256 bf16")] == ("0.69 of copy bw (2 ms)", "MISSED")
+    assert rows[(frac, "logprobs fwd 8192x151936 bf16")][1] == "not run"
+    ent = "entropy in the same pass costs <= 10 % more"
+    assert rows[(ent, "logprobs+entropy fwd 16384x32000 bf16")][1] == "met"
+    assert rows[(ent, "logprobs+entropy fwd 16384x128256 bf16")][1] == "MISSED"
+    assert rows[("log-probs fwd+bwd <= 5.0 ms (1.2 x floor)", "logprobs fwd+bwd 16384x128256 bf16")][1] == "met"
+    mem = "log-probs fwd+bwd extra memory <= one logits-sized gradient"
+    assert rows[(mem, "logprobs fwd+bwd 16384x128256 bf16")][1] == "MISSED"
+    assert rows[("gae <= 0.1 ms", "gae fwd 1024x4096 fp32")][1] == "MISSED"
+    assert rows[("dpo_loss_from_logits fwd+bwd <= 10 ms (1.2 x floor)", "dpo_from_logits fwd+bwd 16x2048x128256 bf16")][
+        1
+    ] == "not run"
+    # A case whose rlhf_fast timing errored is "not run", never "met".
+    broken = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
+    broken.peers["rlhf_fast"] = bench.PeerResult("error")
+    assert {r[4] for r in bt.targets_rows([broken]) if r[2] == "gae fwd 1024x4096 fp32"} == {"not run"}

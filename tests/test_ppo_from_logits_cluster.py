@@ -10,11 +10,11 @@ inplace_backward. They need such a GPU; the selection logic is tested everywhere
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA
+from rlhf_fast.kernels import ppo_from_logits as pfl_kernels
 from test_ppo_from_logits import OPTIONS, check_all, expected_from_pieces
 
 from rlhf_fast import reference
 from rlhf_fast._backend import load_C
-from rlhf_fast.kernels import ppo_from_logits as pfl_kernels
 from rlhf_fast.ppo_from_logits import ppo_loss_from_logits
 
 ENV = pfl_kernels.CLUSTER_ENV
@@ -141,7 +141,7 @@ def test_forced_cluster_sizes(cluster, monkeypatch):
     logits, labels, old, adv, mask, ref = make_inputs(2, 3, 16000, torch.bfloat16)
     monkeypatch.setenv(ENV, cluster)
     assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
-    kw = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)
+    kw = {"ref_logprobs": ref, "kl_coef": 0.1, "entropy_coef": 0.01}
     check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
               torch.bfloat16)
 
@@ -159,7 +159,7 @@ def test_forced_cluster_too_small_for_the_row_falls_back_to_auto(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_and_grad_output(dtype):
     logits, labels, old, adv, mask, ref = make_inputs(2, 4, 128256, dtype)
-    kw = dict(ref_logprobs=ref, kl_coef=0.2, entropy_coef=0.03)
+    kw = {"ref_logprobs": ref, "kl_coef": 0.2, "entropy_coef": 0.03}
     a = run(logits, labels, old, adv, mask, grad_scale=-2.5, **kw)
     b = run(logits, labels, old, adv, mask, grad_scale=-2.5, inplace=True, **kw)
     torch.testing.assert_close(a[2], b[2], atol=0, rtol=0)  # same kernel, same bits
@@ -170,7 +170,7 @@ def test_inplace_backward_and_grad_output(dtype):
 @needs_cluster
 def test_masking_neg_inf_and_bad_labels():
     V = 32000
-    logits, labels, old, adv, mask, ref = make_inputs(2, 4, V, torch.bfloat16)
+    logits, labels, old, adv, mask, _ref = make_inputs(2, 4, V, torch.bfloat16)
     logits[0, 3, ::3] = -float("inf")  # a counted row with -inf entries
     logits[1, 0, 100:] = -float("inf")
     labels[1, 0] = 5
@@ -206,7 +206,7 @@ def test_strided_slice_and_batch_invariance():
     V = 128256
     logits, labels, old, adv, mask, ref = make_inputs(2, 6, V, torch.bfloat16)
     view = logits[:, :-1]  # [B, T-1, V] view with stride_b = T * V: read in place
-    kw = dict(ref_logprobs=ref[:, :-1], kl_coef=0.1, entropy_coef=0.01)
+    kw = {"ref_logprobs": ref[:, :-1], "kl_coef": 0.1, "entropy_coef": 0.01}
     got = run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
     want = reference_run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
     check_all(got, want, torch.bfloat16)

@@ -1,0 +1,156 @@
+"""The issues' H100 speed and memory targets, judged against a `python -m rlhf_fast.bench` run.
+
+Each target names the benchmark case it is read from (op, shape, mode, dtype) and one metric of
+rlhf_fast's row:
+    "ms"          rlhf_fast time <= bound
+    "floor_frac"  floor time / rlhf_fast time >= bound (floor = bytes moved / copy bandwidth
+                  measured in the same run)
+    "ratio"       rlhf_fast time / the time of case `versus` (same shape, mode, dtype) <= bound
+    "extra_gb"    peak memory above the inputs <= bound GB
+The verdict is "met", "MISSED" or "not run" (the case, or rlhf_fast's timing, is missing: e.g. a
+CPU run or --ops). The bounds hold on an H100: on another GPU the table is printed with that
+device's name, for orientation only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rlhf_fast._bench_cases import DTYPE_NAMES
+
+_BF16, _F32 = torch.bfloat16, torch.float32
+_GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    issue: int
+    text: str  # the target as the issue states it
+    op: str
+    shape: tuple
+    mode: str
+    dtype: torch.dtype
+    metric: str  # "ms" | "floor_frac" | "ratio" | "extra_gb"
+    bound: float
+    versus: str | None = None  # for "ratio": the op whose time is the denominator
+
+
+def _grad_gb(*shape: int) -> float:
+    """GB of one bf16 logits-sized gradient, plus 5 % for the [N]-sized buffers around it."""
+    n = 1
+    for d in shape:
+        n *= d
+    return 1.05 * n * 2 / _GB
+
+
+LOGPROB_SHAPES = ((16384, 32000), (16384, 128256), (8192, 151936))
+
+TARGETS: tuple[Target, ...] = (
+    *(
+        Target(3, "log-probs forward >= 85 % of copy bandwidth", "logprobs", s, "fwd", _BF16, "floor_frac", 0.85)
+        for s in LOGPROB_SHAPES
+    ),
+    Target(3, "log-probs fwd+bwd <= 5.0 ms (1.2 x floor)", "logprobs", (16384, 128256), "fwd+bwd", _BF16, "ms", 5.0),
+    Target(
+        3,
+        "log-probs fwd+bwd extra memory <= one logits-sized gradient",
+        "logprobs",
+        (16384, 128256),
+        "fwd+bwd",
+        _BF16,
+        "extra_gb",
+        _grad_gb(16384, 128256),
+    ),
+    *(
+        Target(
+            3, "entropy in the same pass costs <= 10 % more", "logprobs+entropy", s, "fwd", _BF16, "ratio", 1.10,
+            versus="logprobs",
+        )
+        for s in LOGPROB_SHAPES
+    ),
+    Target(
+        4, "ppo_loss_from_logits fwd+bwd <= 3.6 ms (1.3 x floor)", "ppo_from_logits", (8, 2048, 128256), "fwd+bwd",
+        _BF16, "ms", 3.6,
+    ),
+    Target(
+        4,
+        "ppo_loss_from_logits: no [N, V] buffer besides the gradient",
+        "ppo_from_logits",
+        (8, 2048, 128256),
+        "fwd+bwd",
+        _BF16,
+        "extra_gb",
+        _grad_gb(8, 2048, 128256),
+    ),
+    Target(4, "per-token PPO loss fwd+bwd <= 0.08 ms", "ppo_policy_loss", (1024, 8192), "fwd+bwd", _F32, "ms", 0.08),
+    Target(4, "gae <= 0.1 ms", "gae", (1024, 4096), "fwd", _F32, "ms", 0.1),
+    Target(
+        5, "dpo_loss_from_logits fwd+bwd <= 10 ms (1.2 x floor)", "dpo_from_logits", (16, 2048, 128256), "fwd+bwd",
+        _BF16, "ms", 10.0,
+    ),
+    Target(
+        5,
+        "dpo_loss_from_logits extra memory <= one logits-sized gradient",
+        "dpo_from_logits",
+        (16, 2048, 128256),
+        "fwd+bwd",
+        _BF16,
+        "extra_gb",
+        _grad_gb(16, 2048, 128256),
+    ),
+)
+
+
+def _key(op: str, shape: tuple, mode: str, dtype: torch.dtype) -> tuple:
+    return op, tuple(shape), mode, dtype
+
+
+def _fast(result):
+    """rlhf_fast's PeerResult of a CaseResult when it was timed, else None."""
+    res = result.peers.get("rlhf_fast") if result is not None else None
+    return res if res is not None and res.status == "ok" else None
+
+
+def judge(target: Target, by_case: dict) -> tuple[str, str]:
+    """(measured, verdict) of one target; by_case maps _key(...) -> CaseResult."""
+    result = by_case.get(_key(target.op, target.shape, target.mode, target.dtype))
+    fast = _fast(result)
+    if fast is None:
+        return "-", "not run"
+    if target.metric == "ms":
+        value, shown = fast.ms, f"{fast.ms:.3g} ms"
+        ok = value <= target.bound
+    elif target.metric == "floor_frac":
+        if not result.floor_ms:
+            return "-", "not run"
+        value = result.floor_ms / fast.ms
+        shown, ok = f"{value:.2f} of copy bw ({fast.ms:.3g} ms)", value >= target.bound
+    elif target.metric == "ratio":
+        base = _fast(by_case.get(_key(target.versus, target.shape, target.mode, target.dtype)))
+        if base is None:
+            return "-", "not run"
+        value = fast.ms / base.ms
+        shown, ok = f"{value:.2f} x ({fast.ms:.3g} vs {base.ms:.3g} ms)", value <= target.bound
+    elif target.metric == "extra_gb":
+        if fast.extra_gb is None:
+            return "-", "not run"
+        shown, ok = f"{fast.extra_gb:.2f} GB (bound {target.bound:.2f})", fast.extra_gb <= target.bound
+    else:
+        raise ValueError(f"unknown target metric {target.metric!r}")
+    return shown, ("met" if ok else "MISSED")
+
+
+def targets_rows(results: list) -> list[list[str]]:
+    """[issue, target, case, measured, verdict] per target, for the cases of a run."""
+    by_case = {_key(r.case.op, r.case.shape, r.case.mode, r.case.dtype): r for r in results}
+    rows = []
+    for t in TARGETS:
+        measured, verdict = judge(t, by_case)
+        case = f"{t.op} {t.mode} {'x'.join(map(str, t.shape))} {DTYPE_NAMES[t.dtype]}"
+        rows.append([str(t.issue), t.text, case, measured, verdict])
+    return rows
+
+
+TARGETS_HEADER = ["issue", "target (H100)", "case", "measured", "verdict"]
