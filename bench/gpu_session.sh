@@ -54,8 +54,14 @@ build_and_test() {
       | tee -a "$OUT/tests-cluster.log"
     export RLHF_FAST_PPO_CLUSTER=0
   fi
+  # The device image has pytest-xdist and pytest-timeout: 4 workers (each JIT-compiles its own
+  # Triton variants, the slow part of a first GPU run; whole files per worker keep the big
+  # int64-offset cases of one file sequential, 4 x ~15 GB at most) and a per-test time limit.
+  local par=""
+  python3 -c "import xdist" 2>/dev/null && par="-n 4 --dist loadfile"
+  python3 -c "import pytest_timeout" 2>/dev/null && par="$par --timeout 240"
   timeout $((560 - (SECONDS - t0))) python3 -m pytest tests -q -p no:cacheprovider --maxfail=25 --durations=15 \
-    --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -40
+    $par --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -40
   cd - >/dev/null || true
 }
 
