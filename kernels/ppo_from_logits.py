@@ -280,9 +280,10 @@ def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
     from rlhf_fast._backend import load_C
 
     C = load_C()
-    if C is None or not C.with_cuda():
+    query = getattr(C, "ppo_rows_cluster_size", None)  # None: no extension, or one built before it
+    if query is None or not C.with_cuda():
         return 0
-    return int(C.ppo_rows_cluster_size(V, elem_size, device_index))
+    return int(query(V, elem_size, device_index))
 
 
 def _rows_aligned16(t: torch.Tensor) -> bool:

@@ -7,8 +7,9 @@ rlhf_fast's row:
                   measured in the same run)
     "ratio"       rlhf_fast time / the time of case `versus` (same shape, mode, dtype) <= bound
     "extra_gb"    peak memory above the inputs <= bound GB
-The verdict is "met", "MISSED" or "not run" (the case, or rlhf_fast's timing, is missing: e.g. a
-CPU run or --ops). The bounds hold on an H100: on another GPU the table is printed with that
+The verdict is "met", "MISSED", "CHECK FAILED" (rlhf_fast's output did not match the reference:
+no speed counts then), "error" (rlhf_fast raised), or "not run" (the case is not in this run: a
+CPU run or --ops). Running out of memory is "MISSED". The bounds hold on an H100: on another GPU the table is printed with that
 device's name, for orientation only.
 """
 
@@ -116,6 +117,15 @@ def _fast(result):
 def judge(target: Target, by_case: dict) -> tuple[str, str]:
     """(measured, verdict) of one target; by_case maps _key(...) -> CaseResult."""
     result = by_case.get(_key(target.op, target.shape, target.mode, target.dtype))
+    if result is None:
+        return "-", "not run"
+    if result.check.status in ("fail", "error"):
+        return "-", "CHECK FAILED"
+    status = result.peers["rlhf_fast"].status if "rlhf_fast" in result.peers else "n/a"
+    if status == "oom":
+        return "out of memory", "MISSED"
+    if status == "error":
+        return "-", "error"
     fast = _fast(result)
     if fast is None:
         return "-", "not run"

@@ -1057,8 +1057,9 @@ def _run(args) -> int:
 
     # The issues' H100 targets, judged on this run (GPU runs only: CPU sizes are not theirs).
     targets_md = None
+    target_rows = _bench_targets.targets_rows(results) if cuda else []
     if cuda:
-        targets_md = markdown_table(_bench_targets.TARGETS_HEADER, _bench_targets.targets_rows(results))
+        targets_md = markdown_table(_bench_targets.TARGETS_HEADER, target_rows)
         print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
         print(targets_md)
 
@@ -1067,10 +1068,7 @@ def _run(args) -> int:
     stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
     data = to_json(meta, bandwidth, bw_how, results)
     if cuda:
-        data["targets"] = [
-            dict(zip(("issue", "target", "case", "measured", "verdict"), row))
-            for row in _bench_targets.targets_rows(results)
-        ]
+        data["targets"] = [dict(zip(("issue", "target", "case", "measured", "verdict"), row)) for row in target_rows]
     plots, plot_msg = write_plots(results, bandwidth, stem)
     data["plots"] = [p.name for p in plots]
     stem.with_suffix(".json").write_text(json.dumps(_json_safe(data), indent=2) + "\n")

@@ -40,6 +40,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: large sizes, run on GPU machines")
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """After a gpu-marked test, hand its cached blocks back to the driver: the suite may run on
+    several pytest-xdist workers sharing one GPU, and a worker's caching allocator would otherwise
+    keep its largest test's peak for the rest of the run."""
+    yield
+    if HAS_CUDA and "gpu" in request.keywords:
+        torch.cuda.empty_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

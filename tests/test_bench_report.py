@@ -228,7 +228,12 @@ def test_targets_are_judged_per_metric():
     assert rows[("dpo_loss_from_logits fwd+bwd <= 10 ms (1.2 x floor)", "dpo_from_logits fwd+bwd 16x2048x128256 bf16")][
         1
     ] == "not run"
-    # A case whose rlhf_fast timing errored is "not run", never "met".
-    broken = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
-    broken.peers["rlhf_fast"] = bench.PeerResult("error")
-    assert {r[4] for r in bt.targets_rows([broken]) if r[2] == "gae fwd 1024x4096 fp32"} == {"not run"}
+    # Never "met" when rlhf_fast raised, ran out of memory or gave wrong results.
+    gae = "gae fwd 1024x4096 fp32"
+    for status, verdict in (("error", "error"), ("oom", "MISSED")):
+        broken = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
+        broken.peers["rlhf_fast"] = bench.PeerResult(status)
+        assert {r[4] for r in bt.targets_rows([broken]) if r[2] == gae} == {verdict}
+    wrong = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
+    wrong.check = bench.CheckResult("fail", max_abs_err=1.0)
+    assert {r[4] for r in bt.targets_rows([wrong]) if r[2] == gae} == {"CHECK FAILED"}

@@ -97,7 +97,12 @@ def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
     }
     failures = []
     for src, proc in procs.items():
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            raise
         errors = [line for line in output.splitlines() if "error" in line.lower()]
         if proc.returncode != 0:
             failures.append(f"{src.name}: nvcc exited with {proc.returncode}\n" + "\n".join(errors[:20] or [output[-3000:]]))

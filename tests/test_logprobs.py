@@ -621,6 +621,7 @@ def test_big_vocab_gpu(V):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_int64_offsets_gpu():
     N, V = 16400, 131072  # N * V > 2**31
     assert N * V > 2**31

@@ -27,7 +27,15 @@ def cluster_available() -> bool:
     return C is not None and C.with_cuda() and C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()) > 0
 
 
-needs_cluster = pytest.mark.skipif(not cluster_available(), reason="needs an sm_90 GPU and a CUDA build of rlhf_fast._C")
+@pytest.fixture
+def cluster_kernel():
+    """Skips unless the cluster kernel can run (asked at test time, never at collection: asking
+    initialises CUDA)."""
+    if not cluster_available():
+        pytest.skip("needs an sm_90 GPU and a CUDA build of rlhf_fast._C")
+
+
+needs_cluster = pytest.mark.usefixtures("cluster_kernel")
 
 
 def make_inputs(B, T, V, dtype, *, seed=0, device="cuda", temperature=1.0):
@@ -180,12 +188,21 @@ def test_masking_neg_inf_and_bad_labels():
     check_all(got, want, torch.bfloat16)
     assert torch.all(got[2][1, 1] == 0) and torch.all(got[2][0, 2] == 0)  # masked row, ignore_index row
     assert got[1]["logprobs"][0, 2] == 0  # ignore_index
-    bad = labels.clone()
-    bad[0, 0] = V + 7
-    loss, stats, grad = run(logits, bad, old, adv, mask)
-    assert torch.isnan(stats["logprobs"][0, 0]) and torch.isnan(loss)
+
+@pytest.mark.gpu
+@needs_cluster
+def test_bad_label_matches_the_triton_rows(monkeypatch):
+    V = 32000
+    logits, labels, old, adv, mask, _ref = make_inputs(2, 4, V, torch.bfloat16)
+    labels[0, 0] = V + 7
+    loss, stats, grad = run(logits, labels, old, adv, mask)
+    assert torch.isnan(stats["logprobs"][0, 0])
     assert torch.isnan(grad[0, 0]).all()  # the whole row, as the Triton kernel gives
     assert not torch.isnan(grad[0, 3]).any()  # other rows untouched
+    monkeypatch.setenv(ENV, "0")
+    loss_t, _stats_t, grad_t = run(logits, labels, old, adv, mask)
+    torch.testing.assert_close(loss, loss_t, equal_nan=True)  # the shared stats kernel decides
+    assert torch.isnan(grad_t[0, 0]).all()
 
 
 @pytest.mark.gpu
@@ -205,13 +222,19 @@ def test_unaligned_rows_fall_back_to_triton():
 def test_strided_slice_and_batch_invariance():
     V = 128256
     logits, labels, old, adv, mask, ref = make_inputs(2, 6, V, torch.bfloat16)
-    view = logits[:, :-1]  # [B, T-1, V] view with stride_b = T * V: read in place
     kw = {"ref_logprobs": ref[:, :-1], "kl_coef": 0.1, "entropy_coef": 0.01}
-    got = run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
-    want = reference_run(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
+    leaf = logits.clone().requires_grad_(True)
+    view = leaf[:, :-1]  # [B, T-1, V] view with stride_b = T * V: read in place, no copy
+    assert pfl_kernels.cluster_size(view.detach(), view.detach()) == 8
+    loss, stats = ppo_loss_from_logits(view, labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
+    loss.backward()
+    got = (loss.detach(), {k: v.detach() for k, v in stats.items()}, leaf.grad[:, :-1])
+    want = reference_run(logits[:, :-1], labels[:, :-1], old[:, :-1], adv[:, :-1], mask[:, :-1], **kw)
     check_all(got, want, torch.bfloat16)
+    assert torch.all(leaf.grad[:, -1] == 0)
     # A row's log-prob and entropy do not depend on the batch it is in (bitwise).
     full = ppo_loss_from_logits(logits.clone().requires_grad_(True), labels, old, adv, mask, entropy_coef=0.01)[1]
-    one = ppo_loss_from_logits(logits[1:2, 3:4].clone().requires_grad_(True), labels[1:2, 3:4], old[1:2, 3:4],
-                               adv[1:2, 3:4], torch.ones(1, 1, device="cuda"), entropy_coef=0.01)[1]
-    assert torch.equal(full["logprobs"][1, 3], one["logprobs"][0, 0])
+    # Row [1, 2] counts in both (mask[1, 3:] = 0 in the batch).
+    one = ppo_loss_from_logits(logits[1:2, 2:3].clone().requires_grad_(True), labels[1:2, 2:3], old[1:2, 2:3],
+                               adv[1:2, 2:3], torch.ones(1, 1, device="cuda"), entropy_coef=0.01)[1]
+    assert torch.equal(full["logprobs"][1, 2], one["logprobs"][0, 0])
