@@ -38,12 +38,12 @@ class Target:
     versus: str | None = None  # for "ratio": the op whose time is the denominator
 
 
-def _grad_gb(*shape: int) -> float:
-    """GB of one bf16 logits-sized gradient, plus 5 % for the [N]-sized buffers around it."""
+def _memory_target(issue: int, text: str, op: str, shape: tuple) -> Target:
+    """fwd+bwd extra memory <= one bf16 logits-sized gradient (+ 5 % for the [N]-sized buffers)."""
     n = 1
     for d in shape:
         n *= d
-    return 1.05 * n * 2 / _GB
+    return Target(issue, text, op, shape, "fwd+bwd", _BF16, "extra_gb", 1.05 * n * 2 / _GB)
 
 
 LOGPROB_SHAPES = ((16384, 32000), (16384, 128256), (8192, 151936))
@@ -54,16 +54,7 @@ TARGETS: tuple[Target, ...] = (
         for s in LOGPROB_SHAPES
     ),
     Target(3, "log-probs fwd+bwd <= 5.0 ms (1.2 x floor)", "logprobs", (16384, 128256), "fwd+bwd", _BF16, "ms", 5.0),
-    Target(
-        3,
-        "log-probs fwd+bwd extra memory <= one logits-sized gradient",
-        "logprobs",
-        (16384, 128256),
-        "fwd+bwd",
-        _BF16,
-        "extra_gb",
-        _grad_gb(16384, 128256),
-    ),
+    _memory_target(3, "log-probs fwd+bwd extra memory <= one logits-sized gradient", "logprobs", (16384, 128256)),
     *(
         Target(
             3, "entropy in the same pass costs <= 10 % more", "logprobs+entropy", s, "fwd", _BF16, "ratio", 1.10,
@@ -75,15 +66,8 @@ TARGETS: tuple[Target, ...] = (
         4, "ppo_loss_from_logits fwd+bwd <= 3.6 ms (1.3 x floor)", "ppo_from_logits", (8, 2048, 128256), "fwd+bwd",
         _BF16, "ms", 3.6,
     ),
-    Target(
-        4,
-        "ppo_loss_from_logits: no [N, V] buffer besides the gradient",
-        "ppo_from_logits",
-        (8, 2048, 128256),
-        "fwd+bwd",
-        _BF16,
-        "extra_gb",
-        _grad_gb(8, 2048, 128256),
+    _memory_target(
+        4, "ppo_loss_from_logits: no [N, V] buffer besides the gradient", "ppo_from_logits", (8, 2048, 128256)
     ),
     Target(4, "per-token PPO loss fwd+bwd <= 0.08 ms", "ppo_policy_loss", (1024, 8192), "fwd+bwd", _F32, "ms", 0.08),
     Target(4, "gae <= 0.1 ms", "gae", (1024, 4096), "fwd", _F32, "ms", 0.1),
@@ -91,15 +75,8 @@ TARGETS: tuple[Target, ...] = (
         5, "dpo_loss_from_logits fwd+bwd <= 10 ms (1.2 x floor)", "dpo_from_logits", (16, 2048, 128256), "fwd+bwd",
         _BF16, "ms", 10.0,
     ),
-    Target(
-        5,
-        "dpo_loss_from_logits extra memory <= one logits-sized gradient",
-        "dpo_from_logits",
-        (16, 2048, 128256),
-        "fwd+bwd",
-        _BF16,
-        "extra_gb",
-        _grad_gb(16, 2048, 128256),
+    _memory_target(
+        5, "dpo_loss_from_logits extra memory <= one logits-sized gradient", "dpo_from_logits", (16, 2048, 128256)
     ),
 )
 

@@ -179,44 +179,31 @@ __device__ __forceinline__ RowStats merge_stats(const RowStats& a, const RowStat
   return r;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
+// Block-wide reductions in a fixed order (deterministic): a butterfly within each warp, then the
+// warp totals in warp order. `scratch` holds kWarps entries and is free again on return.
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+struct Sum2Op {
+  __device__ __forceinline__ float2 operator()(float2 a, float2 b) const { return make_float2(a.x + b.x, a.y + b.y); }
+};
+
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+
+__device__ __forceinline__ float2 shfl_xor(float2 v, int o) {
+  return make_float2(__shfl_xor_sync(kFullMask, v.x, o), __shfl_xor_sync(kFullMask, v.y, o));
 }
 
-__device__ __forceinline__ float2 warp_sum2(float2 v) {
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    v.x += __shfl_xor_sync(kFullMask, v.x, o);
-    v.y += __shfl_xor_sync(kFullMask, v.y, o);
-  }
-  return v;
-}
-
-// Block-wide reductions in a fixed order (deterministic); `scratch` holds kWarps entries and is
-// free again on return.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  v = warp_max(v);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
-  float r = scratch[0];
+  T r = scratch[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) r = fmaxf(r, scratch[w]);
-  __syncthreads();
-  return r;
-}
-
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* scratch) {
-  v = warp_sum2(v);
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float2 r = scratch[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) {
-    r.x += scratch[w].x;
-    r.y += scratch[w].y;
-  }
+  for (int w = 1; w < kWarps; ++w) r = op(r, scratch[w]);
   __syncthreads();
   return r;
 }
@@ -348,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
 #pragma unroll
     for (int k = 0; k < kN; ++k) m_local = fmaxf(m_local, x[k] * p.inv_temperature);
   }
-  m_local = block_max(m_local, reinterpret_cast<float*>(scratch));
+  m_local = block_reduce(m_local, reinterpret_cast<float*>(scratch), MaxOp{});
   float2 st = make_float2(0.f, 0.f);
   if (m_local > -INFINITY) {
     // log2 domain: e = 2^d2, d2 = (x / tau - m) log2(e); t is rescaled by ln 2 once, below.
@@ -367,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
     }
     st.y *= 0.6931471805599453f;
   }
-  st = block_sum2(st, scratch);
+  st = block_reduce(st, scratch, Sum2Op{});
   if (threadIdx.x == 0) partial = make_float4(m_local, st.x, st.y, x_label);
   // Only warp 0 wrote (partial) or will read (peers' partials) cluster-visible data: it alone
   // needs release semantics; the MEMBAR.GPU of .release is skipped in warps 1..7.
