@@ -18,6 +18,8 @@ Launcher-side:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,7 @@ WARPS_BY_BLOCK = ((2048, 8), (512, 4), (0, 2))
 _MIN_BLOCK_V = 16
 
 
+@functools.cache  # on every launch; a pure function of (V, dtype)
 def row_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of V elements of `dtype` (depends on V and dtype only)."""
     block = min(triton.next_power_of_2(max(int(V), _MIN_BLOCK_V)), MAX_BLOCK_V.get(dtype, 2048))

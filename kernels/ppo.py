@@ -47,6 +47,8 @@ int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,6 +81,7 @@ _COUNT_WARPS = 8
 _REDUCE_BLOCK = 1024
 
 
+@functools.cache  # called twice per loss call: host time counts at these sizes
 def _tile_config(B: int, T: int, tile: int) -> tuple[int, int]:
     block_t = min(triton.next_power_of_2(max(T, 1)), tile)
     block_b = min(max(tile // block_t, 1), triton.next_power_of_2(max(B, 1)))
