@@ -56,9 +56,10 @@ namespace rlhf_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// [[maybe_unused]]: only the sm_90 kernel body uses these; the sm_80 pass compiles it out.
+[[maybe_unused]] constexpr int kWarps = kThreads / 32;
 constexpr int kVecBytes = 16;
-constexpr unsigned kFullMask = 0xffffffffu;
+[[maybe_unused]] constexpr unsigned kFullMask = 0xffffffffu;
 // Slice size: the smallest cluster whose slices fit kTargetSliceBytes (32 KB: up to 7 resident
 // blocks per SM, ~220 KB of logits in flight per SM), else 8 blocks with slices up to
 // kMaxSliceBytes (1 block per SM). Wider rows go to the Triton kernel.
@@ -67,7 +68,7 @@ constexpr int64_t kTargetSliceBytes = 32 * 1024;
 constexpr int64_t kMaxSliceBytes = 192 * 1024;
 
 // KL estimator codes: the same numbering as kernels/_terms.py KL_CODES.
-constexpr int kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4;
+[[maybe_unused]] constexpr int kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4;
 
 struct RowParams {
   const void* logits;
