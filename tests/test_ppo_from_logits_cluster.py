@@ -156,6 +156,27 @@ def test_forced_cluster_sizes(cluster, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cluster
+@pytest.mark.parametrize(
+    "V,cluster",
+    [
+        (8008, "8"),  # 1001 vectors: 7 slices of 126, the last of 119
+        (8008, "4"),
+        (1000, "2"),  # 125 vectors: 63 + 62
+        (40, "8"),  # 5 vectors over 8 blocks: blocks 5..7 hold nothing and still take part
+    ],
+)
+def test_ragged_and_empty_slices(V, cluster, monkeypatch):
+    logits, labels, old, adv, mask, ref = make_inputs(2, 3, V, torch.bfloat16)
+    labels[1, 0] = V - 1  # the label in the last, shorter slice
+    monkeypatch.setenv(ENV, cluster)
+    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
+    kw = {"ref_logprobs": ref, "kl_coef": 0.1, "entropy_coef": 0.01}
+    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
+              torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_cluster
 def test_forced_cluster_too_small_for_the_row_falls_back_to_auto(monkeypatch):
     x = torch.empty(1, 2, 128256, device="cuda", dtype=torch.bfloat16)  # 1 block: a 250 KB slice
     monkeypatch.setenv(ENV, "1")
