@@ -52,6 +52,26 @@ def _rows_share_storage(rows: Tensor, logits: Tensor) -> bool:
 # Backward ops (shared by all three forward ops)
 
 
+def _launch_bwd(rows, out, grad_logp, grad_entropy, labels, lse, entropy, temperature, ignore_index):
+    """The backward kernel of both ops below on logits rows [B, T, V], flattening the per-token
+    tensors; out: where the gradient goes (None: a new buffer)."""
+
+    def flat(t):
+        return None if t is None else t.reshape(-1)
+
+    return _kernels().logprobs_backward(
+        rows,
+        flat(labels),
+        flat(grad_logp),
+        flat(grad_entropy),
+        lse.reshape(-1),
+        flat(entropy),
+        temperature,
+        ignore_index,
+        out=out,
+    )
+
+
 @torch.library.custom_op("rlhf_fast::logprobs_bwd", mutates_args=())
 def _logprobs_bwd(
     grad_logp: Optional[Tensor],
@@ -65,18 +85,8 @@ def _logprobs_bwd(
 ) -> Tensor:
     """grad_logits [..., V] (logits.dtype) from grad_logp / grad_entropy [...] and the saved
     fp32 lse / entropy [...]. A None grad means that output gets no gradient."""
-    kernels = _kernels()
-    rows = kernels.as_rows3d(logits)
-    grad = kernels.logprobs_backward(
-        rows,
-        labels.reshape(-1) if labels is not None else None,
-        grad_logp.reshape(-1) if grad_logp is not None else None,
-        grad_entropy.reshape(-1) if grad_entropy is not None else None,
-        lse.reshape(-1),
-        entropy.reshape(-1) if entropy is not None else None,
-        temperature,
-        ignore_index,
-    )
+    rows = _kernels().as_rows3d(logits)
+    grad = _launch_bwd(rows, None, grad_logp, grad_entropy, labels, lse, entropy, temperature, ignore_index)
     return grad.view(logits.shape)
 
 
@@ -111,20 +121,10 @@ def _logprobs_bwd_inplace(
     allows. (For the fused PPO loss the grad_output scaling has a clean way out, a traced
     multiply: see rlhf_fast/ppo_from_logits.py `_backward`.)
     """
-    kernels = _kernels()
-    rows = kernels.as_rows3d(logits)
+    rows = _kernels().as_rows3d(logits)
     in_place = _rows_share_storage(rows, logits)
-    grad = kernels.logprobs_backward(
-        rows,
-        labels.reshape(-1) if labels is not None else None,
-        grad_logp.reshape(-1) if grad_logp is not None else None,
-        grad_entropy.reshape(-1) if grad_entropy is not None else None,
-        lse.reshape(-1),
-        entropy.reshape(-1) if entropy is not None else None,
-        temperature,
-        ignore_index,
-        out=rows if in_place else None,
-    )
+    out = rows if in_place else None
+    grad = _launch_bwd(rows, out, grad_logp, grad_entropy, labels, lse, entropy, temperature, ignore_index)
     if not in_place:
         # A layout [B, T, V] strides cannot express (rare: see as_rows3d): the kernel worked on a
         # copy; write it back.
