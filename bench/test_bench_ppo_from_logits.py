@@ -22,8 +22,6 @@ file to seconds. GPU timings synchronize inside the timed function.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from bench_utils import DEVICE, DTYPE_NAMES, HAS_CUDA
@@ -94,17 +92,10 @@ def _cluster_kernel_runs(logits) -> bool:
 def _rlhf_fast(inplace, triton_rows=False):
     def fn(logits, labels, old, adv, mask, ref):
         if triton_rows:
-            from rlhf_fast.kernels.ppo_from_logits import CLUSTER_ENV
+            from rlhf_fast.kernels.ppo_from_logits import cluster_mode
 
-            saved = os.environ.get(CLUSTER_ENV)
-            os.environ[CLUSTER_ENV] = "0"
-            try:
+            with cluster_mode("0"):
                 return _rlhf_fast(inplace)(logits, labels, old, adv, mask, ref)
-            finally:
-                if saved is None:
-                    del os.environ[CLUSTER_ENV]
-                else:
-                    os.environ[CLUSTER_ENV] = saved
         loss, _ = ppo_loss_from_logits(
             logits,
             labels,

@@ -46,6 +46,7 @@ token's results are bitwise the same whatever batch it is in.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -286,6 +287,31 @@ def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
     return int(query(V, elem_size, device_index))
 
 
+def cluster_blocks_on_device(device_index: int | None = None, V: int = 128256, elem_size: int = 2) -> int:
+    """Blocks per row the cluster kernel uses for rows of V elements of `elem_size` bytes on CUDA
+    device `device_index` (default: the current one); 0 where it cannot run (no GPU, pre-sm_90, an
+    extension without CUDA code). Initialises CUDA where a GPU exists."""
+    if not torch.cuda.is_available():
+        return 0
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return _cluster_size_for(V, elem_size, index)
+
+
+@contextlib.contextmanager
+def cluster_mode(mode: str):
+    """RLHF_FAST_PPO_CLUSTER=mode inside the block, restored after (benchmarks time the Triton rows
+    beside the cluster kernel with mode "0")."""
+    saved = os.environ.get(CLUSTER_ENV)
+    os.environ[CLUSTER_ENV] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[CLUSTER_ENV]
+        else:
+            os.environ[CLUSTER_ENV] = saved
+
+
 def _rows_aligned16(t: torch.Tensor) -> bool:
     e = t.element_size()
     return (
@@ -320,7 +346,6 @@ def cluster_size(logits: torch.Tensor, grad_out: torch.Tensor | None) -> int:
     forced = int(mode)
     n_vec = logits.shape[-1] * logits.element_size() // 16
     return forced if -(-n_vec // forced) * 16 <= _MAX_SLICE_BYTES else auto
-
 
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:

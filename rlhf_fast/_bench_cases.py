@@ -340,26 +340,15 @@ def _rlhf_triton_rows():
     # + 1 write of the logits) next to the default (the sm_90 cluster kernel: 1 read + 1 write):
     # what the cluster kernel buys, measured in the same run. Not run where the cluster kernel
     # does not run (rlhf_fast is then this Triton kernel already).
-    import os
-
     import rlhf_fast
-    from rlhf_fast._backend import load_C
-    from rlhf_fast.kernels.ppo_from_logits import CLUSTER_ENV
+    from rlhf_fast.kernels.ppo_from_logits import cluster_blocks_on_device, cluster_mode
 
-    C = load_C()
-    if C is None or not C.with_cuda() or C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()) == 0:
+    if cluster_blocks_on_device() == 0:
         raise RuntimeError("no sm_90 cluster kernel here: rlhf_fast runs the Triton rows already")
 
     def forward(inp):
-        saved = os.environ.get(CLUSTER_ENV)
-        os.environ[CLUSTER_ENV] = "0"
-        try:
+        with cluster_mode("0"):
             return _ppo_logits_call(rlhf_fast.ppo_loss_from_logits, inp)
-        finally:
-            if saved is None:
-                del os.environ[CLUSTER_ENV]
-            else:
-                os.environ[CLUSTER_ENV] = saved
 
     return forward
 

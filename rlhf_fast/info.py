@@ -41,8 +41,10 @@ def collect() -> dict:
     ppo_cluster = None
     if with_cuda and torch.cuda.is_available():
         try:
-            ppo_cluster = int(C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()))
-        except Exception:  # noqa: BLE001 - informational only
+            from rlhf_fast.kernels.ppo_from_logits import cluster_blocks_on_device
+
+            ppo_cluster = cluster_blocks_on_device()
+        except Exception:  # noqa: BLE001 - informational only (e.g. triton missing)
             ppo_cluster = 0
     ops = {}
     for name in sorted(_backend.OPS):

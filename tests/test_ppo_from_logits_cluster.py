@@ -21,10 +21,7 @@ ENV = pfl_kernels.CLUSTER_ENV
 
 
 def cluster_available() -> bool:
-    if not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0):
-        return False
-    C = load_C()
-    return C is not None and C.with_cuda() and C.ppo_rows_cluster_size(128256, 2, torch.cuda.current_device()) > 0
+    return HAS_CUDA and pfl_kernels.cluster_blocks_on_device() > 0
 
 
 @pytest.fixture
@@ -82,6 +79,22 @@ def test_cluster_size_is_zero_off_gpu_and_validates_the_env(monkeypatch):
         monkeypatch.setenv(ENV, bad)
         with pytest.raises(ValueError, match=ENV):
             pfl_kernels.cluster_size(x, x)
+
+
+def test_cluster_mode_sets_and_restores_the_env(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    with pfl_kernels.cluster_mode("0"):
+        assert pfl_kernels.os.environ[ENV] == "0"
+    assert ENV not in pfl_kernels.os.environ
+    monkeypatch.setenv(ENV, "4")
+    with pytest.raises(KeyError), pfl_kernels.cluster_mode("0"):
+        raise KeyError  # restored on the way out of an exception too
+    assert pfl_kernels.os.environ[ENV] == "4"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU answer")
+def test_no_cluster_kernel_without_a_gpu():
+    assert pfl_kernels.cluster_blocks_on_device() == 0
 
 
 def test_no_gradient_never_uses_the_cluster_kernel():
