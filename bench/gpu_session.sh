@@ -33,6 +33,21 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; date -u +%F;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/device.txt"
 
+# pytest_in_time_left LOG ARGS...: the copied tests/ (minus the cluster file, run first) with
+# ARGS, bounded by what remains of the device command's 10 minutes (counted from the script's
+# start, 30 s kept for the copy back); skipped, saying so in LOG, when under 30 s remain.
+pytest_in_time_left() {
+  local log=$1
+  shift
+  local left=$((570 - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "no time left for: pytest $* ($SECONDS s used)" | tee "$log"
+    return 0
+  fi
+  timeout -k 15 "$left" python3 -m pytest tests -v -p no:cacheprovider "$@" \
+    --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$log" | tail -30
+}
+
 build_and_test() {
   rm -rf /tmp/dist "$site" /tmp/rlhf_tests
   local t0=$SECONDS
@@ -63,25 +78,12 @@ build_and_test() {
   # The device image has pytest-xdist and pytest-timeout. Most tests run on 4 workers (each
   # JIT-compiles its own Triton variants, the slow part of a first GPU run; tests/conftest.py
   # empties the CUDA cache after every gpu test); the big int64-offset cases (marked slow, up to
-  # ~37 GB each) then run one at a time. Whatever remains of the 10-minute device limit (counted
-  # from the script's start, 30 s kept for the copy back) bounds both.
+  # ~37 GB each) then run one at a time. Both within the time left (pytest_in_time_left).
   local par="" per_test=""
   python3 -c "import xdist" 2>/dev/null && par="-n 4 --dist loadfile"
   python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
-  local left=$((570 - SECONDS))
-  if [ "$left" -lt 30 ]; then
-    echo "no time left for the suite ($SECONDS s used)" | tee "$OUT/tests.log"
-  else
-    timeout -k 15 "$left" python3 -m pytest tests -v -p no:cacheprovider --maxfail=25 --durations=15 $par $per_test \
-      -m "not slow" --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -30
-  fi
-  left=$((570 - SECONDS))
-  if [ "$left" -lt 30 ]; then
-    echo "no time left for the slow (big GPU) tests ($SECONDS s used)" | tee "$OUT/tests-slow.log"
-  else
-    timeout -k 15 "$left" python3 -m pytest tests -v -p no:cacheprovider $per_test -m slow \
-      --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$OUT/tests-slow.log" | tail -15
-  fi
+  pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow"
+  pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow
   cd - >/dev/null || true
 }
 
