@@ -804,6 +804,17 @@ def _json_safe(obj):
     return obj
 
 
+def _save_plot(plt, fig, ax, stem: Path, name: str) -> Path:
+    """Legend, grid, layout; saved as <stem>-<name>.png and closed."""
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    path = stem.with_name(f"{stem.name}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: list[CaseResult], bandwidth: float, stem: Path) -> tuple[list[Path], str]:
     """Bandwidth vs V and time vs N for the log-prob forward, one line per peer."""
     try:
@@ -839,13 +850,7 @@ def write_plots(results: list[CaseResult], bandwidth: float, stem: Path) -> tupl
     ax.set_xlabel("V (vocabulary)")
     ax.set_ylabel("GB/s (bytes moved / time)")
     ax.set_title(f"log-probs forward, {DTYPE_NAMES[fwd[0].case.dtype]}")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    path = stem.with_name(stem.name + "-bandwidth.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_plot(plt, fig, ax, stem, "bandwidth"))
 
     # time vs N at the V with the most N points
     by_vn = {}
@@ -867,13 +872,7 @@ def write_plots(results: list[CaseResult], bandwidth: float, stem: Path) -> tupl
         ax.set_xlabel("N (tokens)")
         ax.set_ylabel("ms")
         ax.set_title(f"log-probs forward, V = {V}")
-        ax.legend()
-        ax.grid(True, alpha=0.3)
-        path = stem.with_name(stem.name + "-time-vs-n.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_plot(plt, fig, ax, stem, "time-vs-n"))
     return written, ""
 
 
