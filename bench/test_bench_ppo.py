@@ -19,7 +19,7 @@ it belongs with the from-logits PPO loss benchmark.
 import os
 
 import torch
-from bench_utils import DEVICE, HAS_CUDA
+from bench_utils import DEVICE, HAS_CUDA, copy_step
 from bench_utils import sync as _sync
 
 if not HAS_CUDA:
@@ -131,14 +131,7 @@ def test_ppo_policy_loss_torch_compile(benchmark):
 
 def test_ppo_policy_loss_copy_floor(benchmark):
     # Device-to-device copy moving the floor's bytes (half read, half written): the bandwidth bar.
-    src = torch.empty(PPO_FLOOR // 2 // FP32, device=DEVICE)
-    dst = torch.empty_like(src)
-
-    def step():
-        dst.copy_(src)
-        _sync()
-
-    _run(benchmark, step, PPO_GROUP, PPO_FLOOR)
+    _run(benchmark, copy_step(PPO_FLOOR), PPO_GROUP, PPO_FLOOR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,11 +163,4 @@ def test_kl_penalty_k3_torch_compile(benchmark):
 
 
 def test_kl_penalty_k3_copy_floor(benchmark):
-    src = torch.empty(KL_FLOOR // 2 // FP32, device=DEVICE)
-    dst = torch.empty_like(src)
-
-    def step():
-        dst.copy_(src)
-        _sync()
-
-    _run(benchmark, step, KL_GROUP, KL_FLOOR)
+    _run(benchmark, copy_step(KL_FLOOR), KL_GROUP, KL_FLOOR)
