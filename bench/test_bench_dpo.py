@@ -104,7 +104,6 @@ def test_bench_dpo_from_logits(benchmark, peer, shape):
 
     run()  # compile / autotune warm-up outside the timing
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    del x
 
     floor = 3 * logits.numel() * logits.element_size() + labels.numel() * 8 + mask.numel()
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
