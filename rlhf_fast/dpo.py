@@ -31,7 +31,7 @@ from rlhf_fast._backend import (
 # DPO_LOSS_TYPES: every accepted loss_type (TRL's DPOTrainer types + simpo);
 # DPO_LABEL_SMOOTHING_TYPES: the ones whose formula uses label_smoothing (the others reject a
 # non-zero value).
-from rlhf_fast.reference import DPO_LABEL_SMOOTHING_TYPES, DPO_LOSS_TYPES
+from rlhf_fast.reference import DPO_LABEL_SMOOTHING_TYPES, DPO_LOSS_TYPES, _dpo_reward_stats
 
 __all__ = ["dpo_loss", "dpo_loss_from_logits", "DPO_LOSS_TYPES"]
 
@@ -439,12 +439,4 @@ def dpo_loss_from_logits(
         discopop_tau=tau,
         backend=impl,
     )
-    stats = {
-        "chosen_rewards": chosen_rewards.mean(),
-        "rejected_rewards": rejected_rewards.mean(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).to(torch.float32).mean(),
-        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-        "policy_chosen_logps": chosen.detach(),
-        "policy_rejected_logps": rejected.detach(),
-    }
-    return losses.mean(), stats
+    return losses.mean(), _dpo_reward_stats(chosen_rewards, rejected_rewards, chosen, rejected)

@@ -592,12 +592,17 @@ def dpo_loss_from_logits(
         gamma=gamma,
         discopop_tau=discopop_tau,
     )
-    stats = {
-        "chosen_rewards": cr.mean(),
-        "rejected_rewards": rr.mean(),
-        "reward_accuracy": (cr > rr).to(cr.dtype).mean(),
-        "reward_margin": (cr - rr).mean(),
-        "policy_chosen_logps": seq[:B].detach(),
-        "policy_rejected_logps": seq[B:].detach(),
+    return losses.mean(), _dpo_reward_stats(cr, rr, seq[:B], seq[B:])
+
+
+def _dpo_reward_stats(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """The stats of dpo_loss_from_logits (also rlhf_fast.dpo's): reward means, accuracy and margin
+    over the [B] pairs, and the policy's sequence log-probs, detached."""
+    return {
+        "chosen_rewards": chosen_rewards.mean(),
+        "rejected_rewards": rejected_rewards.mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).to(torch.float32).mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "policy_chosen_logps": chosen_logps.detach(),
+        "policy_rejected_logps": rejected_logps.detach(),
     }
-    return losses.mean(), stats
