@@ -249,11 +249,12 @@ def test_policy_loss_awkward_shapes(B, T):
 
 
 def test_policy_loss_multi_block_reductions(monkeypatch):
-    # The one-program reductions (row scales over B, finalize over the tiles) loop in blocks of
-    # _REDUCE_BLOCK lanes (1024); a tiny block makes small inputs take several iterations.
+    # The last-program reductions (row scales over B, finalize over the tiles) loop in blocks of
+    # _REDUCE_BLOCK / _FINALIZE_BLOCK lanes; tiny blocks make small inputs take several iterations.
     from rlhf_fast.kernels import ppo as ppo_kernels
 
     monkeypatch.setattr(ppo_kernels, "_REDUCE_BLOCK", 4)
+    monkeypatch.setattr(ppo_kernels, "_FINALIZE_BLOCK", 4)
     logp, old, adv, mask = _policy_case(11, 2100, seed=15)  # 11 rows, 22 tiles
     go = torch.tensor(0.7, device=DEVICE)
     for agg in AGGS:
@@ -530,3 +531,11 @@ def test_policy_loss_large_gpu():
         torch.testing.assert_close(grad, e_grad, atol=1e-9, rtol=1e-4)
         for k in e_stats:
             torch.testing.assert_close(stats[k], e_stats[k], atol=1e-5, rtol=1e-4)
+    # The row scales and the loss are reduced by the last program to arrive (an arrival counter,
+    # no second launch); on a GPU the arrival order changes from run to run, the bits must not.
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        first = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+        for _ in range(10):
+            again = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+            assert torch.equal(again[0], first[0]) and torch.equal(again[2], first[2])
+            assert all(torch.equal(again[1][k], first[1][k]) for k in first[1])
