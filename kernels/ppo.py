@@ -41,6 +41,9 @@ autograd wrappers in rlhf_fast/ppo.py detect it and raise.)
 Bytes for [B, T] = [1024, 8192] fp32 inputs and gradient (32 MiB per [B, T] fp32 array):
     bool mask:  forward 8 (mask sums) + 3 * 32 + 8 (inputs) + 32 (grad) = 144 MiB; backward ~0.
     fp32 mask:  forward 32 + 4 * 32 + 32 = 192 MiB; backward ~0 (grad_output == 1).
+(HBM bytes: the mask kernel loads with L2 evict_last and the forward streams everything else
+with evict_first, so where the mask fits in L2 (50 MB on an H100) its second read can come
+from there; unmeasured so far.)
 The second read of the mask is the price of weights that depend on global mask totals; the
 alternative, saving an unscaled gradient and scaling it by s_b * grad_output in the backward,
 costs a read + write of a [B, T] fp32 buffer (64 MiB here) in every backward instead.
@@ -114,10 +117,12 @@ def _tile_offsets(B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, stride_b, stride_t, rows, cols, valid):
+def _load_tile(ptr, stride_b, stride_t, rows, cols, valid, EVICTION: tl.constexpr):
     """fp32 tile ptr[rows, cols] (rows [BLOCK_B], cols [BLOCK_T] int64), 0 outside `valid`.
-    Predicated on `valid` only (never on the data-dependent mask) so the loads vectorise."""
-    return tl.load(ptr + rows[:, None] * stride_b + cols[None, :] * stride_t, mask=valid, other=0).to(tl.float32)
+    Predicated on `valid` only (never on the data-dependent mask) so the loads vectorise.
+    EVICTION: the load's L2 eviction priority ("evict_last" / "evict_first")."""
+    ptrs = ptr + rows[:, None] * stride_b + cols[None, :] * stride_t
+    return tl.load(ptrs, mask=valid, other=0, eviction_policy=EVICTION).to(tl.float32)
 
 
 @triton.jit
@@ -205,7 +210,10 @@ def _mask_row_scales_kernel(
     acc = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + lanes
-        acc += _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, row_ok[:, None] & (cols < T)[None, :])
+        # evict_last: the forward kernel reads the mask again right after; at the benchmark size
+        # (a 32 MiB fp32 mask, 50 MB of L2 on an H100) that second read can come from L2.
+        valid = row_ok[:, None] & (cols < T)[None, :]
+        acc += _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid, "evict_last")
     tl.store(counts_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
     if _is_last_program(work_ptr + _COUNTER_ROW_SCALES, tl.num_programs(0)):
         _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, AGG, REDUCE_BLOCK)
@@ -261,10 +269,12 @@ def _ppo_fwd_kernel(
     _, scale_ptr, total_ptr, part_ptr = _work_views(work_ptr, B)
     rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
     valid = row_ok[:, None] & col_ok[None, :]
-    m = _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid)
-    x = _load_tile(x_ptr, x_sb, x_st, rows, cols, valid)
-    a = _load_tile(a_ptr, a_sb, a_st, rows, cols, valid)
-    b = _load_tile(b_ptr, b_sb, b_st, rows, cols, valid)
+    # Every input is read once here (the mask for the second and last time): evict_first, so the
+    # streamed inputs do not push the not-yet-read part of the mask out of L2.
+    m = _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid, "evict_first")
+    x = _load_tile(x_ptr, x_sb, x_st, rows, cols, valid, "evict_first")
+    a = _load_tile(a_ptr, a_sb, a_st, rows, cols, valid, "evict_first")
+    b = _load_tile(b_ptr, b_sb, b_st, rows, cols, valid, "evict_first")
     counted = m != 0.0
     w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
 
@@ -279,7 +289,8 @@ def _ppo_fwd_kernel(
 
     if WRITE_GRAD:
         grad = tl.where(counted, w * dloss, 0.0)
-        tl.store(grad_ptr + rows[:, None] * T + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
+        grad_ptrs = grad_ptr + rows[:, None] * T + cols[None, :]
+        tl.store(grad_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=valid, eviction_policy="evict_first")
 
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + tile, _tile_sum(tl.where(counted, w * loss, 0.0)))
