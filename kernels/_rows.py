@@ -95,10 +95,12 @@ def row_online_stats(
 
 @triton.jit
 def row_lse_entropy(m, s, t):
-    """(lse, entropy) from row_online_stats' (m, s, t); lse = -inf and entropy 0 where s == 0."""
-    # log(1) where s == 0 keeps log(0) and 0/0 out of the arithmetic.
-    s_safe = tl.where(s > 0.0, s, 1.0)
+    """(lse, entropy) from row_online_stats' (m, s, t); lse = -inf and entropy 0 where s == 0,
+    NaN where s is NaN (a NaN logit: tl.max skips NaN, the sum does not)."""
+    # log(1) where s == 0 keeps log(0) and 0/0 out of the arithmetic. "s == 0", not "s > 0": a NaN
+    # s must reach lse and the entropy, as in the reference, not be read as an empty row.
+    s_safe = tl.where(s == 0.0, 1.0, s)
     log_s = tl.log(s_safe)
     lse = m + log_s
-    ent = tl.where(s > 0.0, log_s - t / s_safe, 0.0)
+    ent = tl.where(s == 0.0, 0.0, log_s - t / s_safe)
     return lse, ent

@@ -244,6 +244,33 @@ def test_inplace_backward_same_gradient(with_entropy):
 # Bad labels
 
 
+def test_nan_logits_give_nan_rows():
+    """A NaN logit poisons its row (log-prob, entropy, gradient), as in the reference: never a
+    finite value from a NaN-skipping max, whichever block of the row holds the NaN."""
+    V = 5000  # several blocks per row
+    block_v = row_config(V, torch.float32)[0]
+    assert block_v < V
+    logits = make_logits((5, V), torch.float32)
+    labels = make_labels((5,), V)
+    logits[0, V - 3] = float("nan")  # in the last block, away from the label
+    logits[1, :block_v] = float("nan")  # a whole block NaN: its max alone would skip it
+    logits[2, :] = float("nan")
+    logits[3, labels[3]] = float("nan")  # the label's own logit
+    clean = torch.tensor([False, False, False, False, True], device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = logprobs(x, labels, return_entropy=True, backend=BACKEND)
+    assert logp[~clean].isnan().all() and ent[~clean].isnan().all()
+    ref_logp, ref_ent = reference.logprobs(logits, labels, return_entropy=True)
+    assert ref_logp[~clean].isnan().all()  # the reference agrees
+    assert_close(logp[clean], ref_logp[clean], torch.float32)
+    assert_close(ent[clean], ref_ent[clean], torch.float32)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    assert x.grad[~clean].isnan().all() and torch.isfinite(x.grad[clean]).all()
+    seq = sequence_logprobs(logits.view(1, 5, V), labels.view(1, 5), torch.ones(1, 5, device=DEVICE),
+                            backend=BACKEND)
+    assert seq.isnan().all()
+
+
 def test_bad_labels_give_nan(monkeypatch):
     monkeypatch.delenv("RLHF_FAST_CHECK", raising=False)
     V = 1271

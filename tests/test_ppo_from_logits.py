@@ -250,6 +250,20 @@ def test_neg_inf_logits():
     assert_close(x.grad, xr.grad)
 
 
+def test_nan_logits_poison_the_loss_and_only_their_row():
+    logits, labels, old, adv, mask, ref = make_inputs(seed=9, holes=False, ignore=False)
+    logits[0, 1, V // 2] = float("nan")
+    x = logits.clone().requires_grad_(True)
+    loss, stats = ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.05,
+                                       backend="triton")
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(stats["logprobs"][0, 1]) and torch.isnan(stats["entropy"])
+    assert torch.isnan(x.grad[0, 1]).all()
+    others = torch.ones(x.shape[:2], dtype=torch.bool, device=DEVICE)
+    others[0, 1] = False
+    assert torch.isfinite(stats["logprobs"][others]).all() and torch.isfinite(x.grad[others]).all()
+
+
 def test_bad_label_gives_nan_without_reading_out_of_bounds():
     logits, labels, old, adv, mask, _ = make_inputs(seed=8, holes=False, ignore=False)
     labels[0, 0] = V + 5

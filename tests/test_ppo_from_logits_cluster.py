@@ -241,6 +241,28 @@ def test_bad_label_matches_the_triton_rows(monkeypatch):
 
 @pytest.mark.gpu
 @needs_cluster
+@pytest.mark.parametrize("cluster", ["1", "8"])
+def test_nan_logits_give_nan_rows_for_every_cluster_size(cluster, monkeypatch):
+    # A NaN in one slice (or a whole slice of NaN) must not be merged away across the cluster:
+    # the row's log-prob, entropy and gradient are NaN, the other rows untouched.
+    V = 16000
+    logits, labels, old, adv, mask, _ref = make_inputs(2, 4, V, torch.bfloat16)
+    logits[0, 3, V - 10] = float("nan")  # in the last slice
+    logits[1, 0, : V // 8] = float("nan")  # the whole first slice (cluster 8)
+    mask[1, 0] = 1
+    monkeypatch.setenv(ENV, cluster)
+    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
+    loss, stats, grad = run(logits, labels, old, adv, mask, entropy_coef=0.05)
+    bad = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
+    bad[0, 3] = bad[1, 0] = True
+    assert torch.isnan(loss)
+    assert stats["logprobs"][bad].isnan().all() and torch.isnan(stats["entropy"])
+    assert grad[bad].isnan().all()
+    assert torch.isfinite(stats["logprobs"][~bad]).all() and torch.isfinite(grad[~bad]).all()
+
+
+@pytest.mark.gpu
+@needs_cluster
 def test_unaligned_rows_fall_back_to_triton():
     V = 1271  # V * 2 bytes is not a multiple of 16
     x = torch.randn(1, 3, V, device="cuda", dtype=torch.bfloat16)

@@ -157,6 +157,8 @@ struct Vec<float> {
 // ---------------------------------------------------------------------------------------------
 // Softmax statistics (m, s, t): m = max x, s = sum exp(x - m), t = sum exp(x - m) (x - m).
 // An empty set (nothing read, or only -inf) is (-inf, 0, 0); merging never computes -inf - -inf.
+// A NaN logit makes s NaN (fmaxf skips NaN in m, the sum does not); tests are "s != 0", never
+// "s > 0", so that NaN reaches lse and the row, as in the reference, and is never merged away.
 
 struct RowStats {
   float m, s, t;
@@ -165,13 +167,13 @@ struct RowStats {
 __device__ __forceinline__ RowStats merge_stats(const RowStats& a, const RowStats& b) {
   const float m = fmaxf(a.m, b.m);
   RowStats r{m, 0.f, 0.f};
-  if (a.s > 0.f) {
+  if (a.s != 0.f) {
     const float d = a.m - m;
     const float alpha = __expf(d);
     r.s += alpha * a.s;
     r.t += alpha * (a.t + a.s * d);
   }
-  if (b.s > 0.f) {
+  if (b.s != 0.f) {
     const float d = b.m - m;
     const float alpha = __expf(d);
     r.s += alpha * b.s;
@@ -278,9 +280,10 @@ __device__ __forceinline__ void cluster_wait() {
 // The kernel: grid = N * C blocks of kThreads, cluster (C, 1, 1); block b handles slice
 // b % C of row b / C. Dynamic shared memory: slice_vec 16-byte vectors.
 
-// Launch bounds pin 7 resident blocks per SM (<= 36 registers): at 128256 x bf16 a block uses
-// 32064 + ~100 bytes of shared memory, 7 of them 225 KB of the SM's 228 KB, so a few hundred more
-// bytes of static shared memory per block would drop it to 6.
+// Launch bounds pin 7 resident blocks per SM (ptxas: 32 registers): at 128256 x bf16 a block uses
+// 32064 + ~100 bytes of shared memory plus 1 KB reserved per block by the hardware, 7 of them
+// 232,960 of the SM's 233,472 bytes (carveout set to all-shared at setup), so 512 more bytes of
+// shared memory per block would drop it to 6.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const RowParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -338,10 +341,11 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
   }
   m_local = block_reduce(m_local, reinterpret_cast<float*>(scratch), MaxOp{});
   float2 st = make_float2(0.f, 0.f);
-  if (m_local > -INFINITY) {
+  {
     // log2 domain: e = 2^d2, d2 = (x / tau - m) log2(e); t is rescaled by ln 2 once, below.
+    // m = -inf (only -inf or NaN read) shifts by 0: -inf gives e = 0, NaN gives s = NaN.
     const float c = p.inv_temperature * 1.4426950408889634f;
-    const float mc = m_local * 1.4426950408889634f;
+    const float mc = m_local > -INFINITY ? m_local * 1.4426950408889634f : 0.f;
     for (int v = threadIdx.x; v < n_read; v += kThreads) {
       float x[kN];
       V::unpack(slice[v], x);
@@ -383,10 +387,10 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
     xl = __shfl_sync(kFullMask, xl, 0);
     if (threadIdx.x == 0) {
       // lse = m + log s and H = log s - t / s; where s == 0 (nothing read or only -inf) lse = m
-      // (-inf) and H = 0, as row_lse_entropy in kernels/_rows.py.
-      const float s_safe = mine.s > 0.f ? mine.s : 1.f;
+      // (-inf) and H = 0, as row_lse_entropy in kernels/_rows.py; s = NaN gives NaN.
+      const float s_safe = mine.s != 0.f ? mine.s : 1.f;
       const float log_s = logf(s_safe);
-      row_shared = make_float3(mine.m + log_s, mine.s > 0.f ? log_s - mine.t / s_safe : 0.f, xl);
+      row_shared = make_float3(mine.m + log_s, mine.s != 0.f ? log_s - mine.t / s_safe : 0.f, xl);
     }
   }
   // The peers' partials have been read: let them go on (their shared memory must outlive our
@@ -421,9 +425,10 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
     const float K = a - bcoef * (ent - lse);
     const float bp = bcoef * p.inv_temperature;
     const int64_t label_rel = in_range ? label - vec_begin * kN : -1;
-    // A NaN a or K (a label outside [0, V) gives logp = NaN) must give a NaN row, as the Triton
-    // kernel does; the clamp below would turn it into a finite value.
-    const bool nan_row = !(a == a) || !(K == K);
+    // A non-finite a or K must give a non-finite row (NaN; the Triton kernel gives NaN or +-inf
+    // there), never the finite values the clamp below would make: NaN from a label outside
+    // [0, V) or NaN logits, inf from an exp overflow of the ratio or the k3 KL.
+    const bool nan_row = !isfinite(a) || !isfinite(K);
     for (int v = threadIdx.x; nan_row && v < n_local; v += kThreads) {
       float x[kN];
 #pragma unroll
@@ -527,6 +532,11 @@ bool cluster_launchable(int device, int cluster, int64_t smem_bytes) {
     if (!failed && attrs.ptxVersion >= 90) {
       failed = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kMaxSliceBytes)) != cudaSuccess;
+      // All of the unified L1/shared memory as shared: the 7 blocks per SM of the launch bounds
+      // need 7 x (slice + ~100 B + 1 KB reserved) = 232,960 of 233,472 bytes at V = 128256 bf16.
+      if (!failed)
+        failed = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared) != cudaSuccess;
       if (!failed) {
         cudaLaunchAttribute attr;
         cudaLaunchConfig_t config = launch_config<scalar_t>(1, cluster, smem_bytes, nullptr, &attr);
