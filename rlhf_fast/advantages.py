@@ -122,7 +122,10 @@ def gae(
     Args:
         rewards: [B, T] fp32/bf16/fp16 per-token rewards (e.g. from `shape_rewards`).
         values: [B, T] fp32/bf16/fp16 value estimates, same shape and device.
-        mask: [B, T] bool, integer or float; 1 = the step counts (response token).
+        mask: [B, T] bool, integer or float; 1 = the step counts (response token). Values must lie
+            in [0, 1] (not checked: that would cost a device sync); others make the recurrence
+            grow without bound, and the GPU scan, which composes many steps at once, then gives
+            inf/NaN where the sequential loop may still be finite.
         gamma: discount in [0, 1] (default 1.0).
         lam: GAE lambda in [0, 1] (default 1.0).
         backend: None/"auto" (C++ on CPU, CUDA kernel on GPU when rlhf_fast._C has one, else the
@@ -157,7 +160,7 @@ def discounted_returns(
 
     Args:
         rewards: [B, T] fp32/bf16/fp16.
-        mask: [B, T] bool, integer or float; 1 = the step counts.
+        mask: [B, T] bool, integer or float; 1 = the step counts. Values must lie in [0, 1], as in `gae`.
         gamma: discount in [0, 1] (default 1.0).
         backend: None/"auto", "cpp" or "reference" (as for `gae`).
     Returns:

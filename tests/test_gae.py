@@ -402,6 +402,28 @@ def test_cuda_misaligned_and_strided(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [4, 64, 128, 129, 256, 257, 512, 513, 1025])
+def test_cuda_every_group_size_dtype_and_mask_kind(T):
+    """T around each group-size boundary (32..256 threads per row, aligned T % 4 == 0 or not),
+    fp16 inputs, uint8 masks, and discounted_returns on a misaligned base pointer, all against
+    the float64 reference."""
+    assert _cuda_available_in_C()
+    B = 6
+    rewards, values, mask = random_inputs(B, T, seed=1000 + T)
+    r16, v16 = rewards.half().cuda(), values.half().cuda()
+    m8 = mask.to(torch.uint8).cuda()
+    exact_adv, exact_ret = reference.gae(r16.double(), v16.double(), m8.double(), gamma=0.99, lam=0.95)
+    adv, ret = torch.ops.rlhf_fast.gae(r16, v16, m8, 0.99, 0.95)
+    assert_close_scaled(adv, exact_adv)
+    assert_close_scaled(ret, exact_ret)
+    flat = torch.zeros(B * T + 1, device="cuda")
+    r_mis = flat[1:].view(B, T).copy_(rewards)  # base pointer off by 4 bytes: scalar loads
+    exact = reference.discounted_returns(rewards.double().cuda(), mask.double().cuda(), gamma=0.9)
+    assert_close_scaled(torch.ops.rlhf_fast.discounted_returns(r_mis, mask.cuda(), 0.9), exact)
+    assert_close_scaled(torch.ops.rlhf_fast.discounted_returns(rewards.cuda(), m8, 0.9), exact)
+
+
+@pytest.mark.gpu
 def test_cuda_long_rows_and_oracle():
     assert _cuda_available_in_C()
     rewards, values, mask = random_inputs(2, 100_000, seed=4)

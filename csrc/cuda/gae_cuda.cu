@@ -238,7 +238,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
 
     GaeState s = group_scan<GROUP_THREADS>(thread_map, smem, group);
 
-    // Re-run this thread's steps sequentially (the same arithmetic as the CPU kernel).
+    // Re-run this thread's steps sequentially (the CPU kernel's formulas; nvcc contracts them to
+    // FMAs and the entering state comes from the scan, so results are close to the CPU's, not bitwise).
     float a_out[kVec], r_out[kVec];
 #pragma unroll
     for (int j = kVec - 1; j >= 0; --j) {
