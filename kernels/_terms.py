@@ -103,9 +103,14 @@ def ppo_clip_term(log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL: tl.con
     """
     ratio = tl.exp(log_ratio)
     loss_plain = -adv * ratio
-    loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    # NaN-propagating min/max (torch.maximum's semantics): the default tl.maximum / tl.minimum
+    # return the other operand for a NaN one, which would turn a NaN ratio into a finite loss.
+    ratio_clipped = tl.minimum(
+        tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high, tl.PropagateNan.ALL
+    )
+    loss_clipped = -adv * ratio_clipped
     clipped = loss_clipped > loss_plain
-    loss = tl.maximum(loss_plain, loss_clipped)
+    loss = tl.maximum(loss_plain, loss_clipped, propagate_nan=tl.PropagateNan.ALL)
     d_loss = tl.where(clipped, 0.0, loss_plain)  # d(-A r)/dlogp = -A r
     if HAS_DUAL:
         bound = -dual_clip * adv

@@ -57,7 +57,8 @@ def _kl_fwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     k = kl_value(logp, ref, KIND)
     if HAS_CLAMP:
-        k = tl.minimum(tl.maximum(k, -clamp_val), clamp_val)
+        # NaN-propagating, as torch.clamp: the default min/max would map a NaN KL to -clamp_val.
+        k = tl.minimum(tl.maximum(k, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
     tl.store(out_ptr + offs, k, mask=valid)
 
 

@@ -222,13 +222,16 @@ def _mask_row_scales_kernel(
 @triton.jit
 def _value_clip_term(v, v_old, ret, clip_eps):
     """(L, dL/dv, clipped) of the clipped value loss (fp32, any shape)."""
-    v_clipped = tl.maximum(tl.minimum(v, v_old + clip_eps), v_old - clip_eps)
+    # NaN-propagating (torch.clamp / torch.maximum semantics): a NaN v must give a NaN loss.
+    v_clipped = tl.maximum(
+        tl.minimum(v, v_old + clip_eps, propagate_nan=tl.PropagateNan.ALL), v_old - clip_eps, tl.PropagateNan.ALL
+    )
     err = v - ret
     err_clipped = v_clipped - ret
     sq = err * err
     sq_clipped = err_clipped * err_clipped
     clipped = sq_clipped > sq
-    return 0.5 * tl.maximum(sq, sq_clipped), tl.where(clipped, 0.0, err), clipped
+    return 0.5 * tl.maximum(sq, sq_clipped, propagate_nan=tl.PropagateNan.ALL), tl.where(clipped, 0.0, err), clipped
 
 
 @triton.jit
@@ -339,8 +342,12 @@ def _finalize(
     # stats[k - 1] = masked mean (0 for an empty mask); k - 1 = -1 is masked off.
     tl.store(stats_ptr + k - 1, sums / denom, mask=(k >= 1) & (k < N_SUMS))
     if HAS_MAX:
+        # tl.max skips NaN; a NaN ratio at a counted token shows in the ratio sum (plane 3) instead.
+        ratio_sum = tl.sum(tl.where(k == 3, sums, 0.0), axis=0)
         ratio_max = tl.max(run_max, axis=0)
-        tl.store(stats_ptr + N_SUMS - 1, tl.where(ratio_max == -float("inf"), 0.0, ratio_max))
+        ratio_max = tl.where(ratio_max == -float("inf"), 0.0, ratio_max)
+        is_nan = ratio_sum != ratio_sum  # noqa: PLR0124 (the NaN test)
+        tl.store(stats_ptr + N_SUMS - 1, tl.where(is_nan, float("nan"), ratio_max))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -366,6 +366,8 @@ def dpo_loss_from_logits(
     gradient once; the per-pair math is two tiny launches on [B].
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
     n_rows = logits.shape[0]
     if n_rows == 0 or n_rows % 2 != 0:
         raise ValueError(

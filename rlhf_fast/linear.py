@@ -272,6 +272,8 @@ def linear_logprobs(
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one row (vocabulary entry), got shape {tuple(weight.shape)}")
     check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")

@@ -344,6 +344,8 @@ def ppo_loss_from_logits(
     the gradient, also when grad_output == 1; see `_backward`).
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
     check_tensor("labels", labels, dtypes=_INT_DTYPES, ndim=2)
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [B, T] {tuple(logits.shape[:2])}")

@@ -549,6 +549,8 @@ def test_from_logits_validation():
         f(logits[:0], labels[:0], mask[:0], rc[:0], rr[:0])
     with pytest.raises(ValueError, match="logits"):
         f(logits[0], labels, mask, rc, rr)
+    with pytest.raises(ValueError, match="vocabulary"):
+        f(logits[..., :0], labels, mask, rc, rr)  # V = 0: nothing to gather a label from
     with pytest.raises(ValueError, match="labels"):
         f(logits, labels[:, :3], mask, rc, rr)
     with pytest.raises(ValueError, match="mask"):

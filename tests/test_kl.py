@@ -147,6 +147,18 @@ def test_kl_penalty_clamp_gradient_is_zero_outside():
     assert g.tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+def test_kl_penalty_clamp_keeps_nan(kind):
+    # torch.clamp keeps NaN (a NaN log-prob, or -inf - -inf); a clamp must not turn it into -c.
+    nan, inf = float("nan"), float("inf")
+    logp = torch.tensor([nan, -inf, 0.5, 0.0], device=DEVICE, requires_grad=True)
+    ref = torch.tensor([0.0, -inf, nan, 0.0], device=DEVICE)
+    out = rlhf_fast.kl_penalty(logp, ref, kind, clamp=10.0, backend="triton")
+    want = reference.kl_penalty(logp.detach(), ref, kind, clamp=10.0)
+    assert want[:3].isnan().all()
+    torch.testing.assert_close(out, want, equal_nan=True)
+
+
 def test_kl_penalty_opcheck_and_compile():
     logp, ref = _inputs((3, 17))
     logp.requires_grad_()

@@ -131,6 +131,8 @@ def test_bad_inputs_raise():
     hidden, weight, _, labels = _inputs((3, 4), 8, 21, torch.float32)
     with pytest.raises(ValueError, match="weight shape"):
         rlhf_fast.linear_logprobs(hidden, torch.randn(21, 9), labels, backend="triton")
+    with pytest.raises(ValueError, match="vocabulary"):
+        rlhf_fast.linear_logprobs(hidden, weight[:0], labels, backend="triton")
     with pytest.raises(ValueError, match="labels shape"):
         rlhf_fast.linear_logprobs(hidden, weight, labels[:, :2], backend="triton")
     with pytest.raises(ValueError, match="bias shape"):

@@ -234,6 +234,34 @@ def test_policy_loss_empty_mask_is_zero_not_nan(agg):
     assert all(v.item() == 0.0 for v in stats.values())
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_nan_at_a_counted_token_gives_nan_loss_and_stats(dual_clip):
+    # As in the reference (torch.maximum / torch.clamp propagate NaN): a NaN log-prob (or value)
+    # where the mask counts makes the loss and the means NaN, never a finite clipped value; a NaN
+    # where the mask does not count changes nothing.
+    logp, old, adv, mask = _policy_case(3, 40, seed=21)
+    mask[1, 7] = True
+    logp[1, 7] = float("nan")
+    go = torch.tensor(1.0, device=DEVICE)
+    loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", dual_clip=dual_clip)
+    e_loss, e_stats, _ = _run_policy(logp, old, adv, mask, go, "reference", dual_clip=dual_clip)
+    assert torch.isnan(e_loss) and torch.isnan(loss)
+    for key in ("approx_kl", "ratio_mean", "ratio_max"):
+        assert torch.isnan(e_stats[key]) and torch.isnan(stats[key]), key
+    assert torch.isnan(grad[1, 7])
+    mask[1, 7] = False
+    loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", dual_clip=dual_clip)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert all(torch.isfinite(v) for v in stats.values())
+
+    values, old_values, returns, vmask = _value_case(3, 40, seed=22)
+    vmask[2, 3] = True
+    values[2, 3] = float("nan")
+    v_loss, _ = rlhf_fast.ppo_value_loss(values, old_values, returns, vmask, backend="triton")
+    e_v_loss, _ = rlhf_fast.ppo_value_loss(values, old_values, returns, vmask, backend="reference")
+    assert torch.isnan(e_v_loss) and torch.isnan(v_loss)
+
+
 @pytest.mark.parametrize("B,T", [(1, 1), (7, 1), (2, 2100), (33, 3), (1100, 2)])
 def test_policy_loss_awkward_shapes(B, T):
     # T = 1 (several rows per program), T over the 2048-wide tile (several tiles per row),

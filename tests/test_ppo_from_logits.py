@@ -264,6 +264,22 @@ def test_nan_logits_poison_the_loss_and_only_their_row():
     assert torch.isfinite(stats["logprobs"][others]).all() and torch.isfinite(x.grad[others]).all()
 
 
+def test_nan_old_logprob_under_dual_clip_gives_nan_not_zero():
+    # A NaN ratio with A < 0 and dual clip on: a NaN-skipping max would see the clipped loss,
+    # the dual clip would then zero the gradient and drop the NaN from the loss.
+    logits, labels, old, adv, mask, _ = make_inputs(seed=10, holes=False, ignore=False)
+    old[1, 2] = float("nan")
+    adv[1, 2] = -1.0
+    x = logits.clone().requires_grad_(True)
+    loss, stats = ppo_loss_from_logits(x, labels, old, adv, mask, dual_clip=3.0, backend="triton")
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(stats["policy_loss"])
+    assert torch.isnan(x.grad[1, 2]).all()
+    rest = torch.ones(x.shape[:2], dtype=torch.bool, device=DEVICE)
+    rest[1, 2] = False
+    assert torch.isfinite(x.grad[rest]).all()
+
+
 def test_bad_label_gives_nan_without_reading_out_of_bounds():
     logits, labels, old, adv, mask, _ = make_inputs(seed=8, holes=False, ignore=False)
     labels[0, 0] = V + 5
@@ -273,6 +289,12 @@ def test_bad_label_gives_nan_without_reading_out_of_bounds():
     logp = stats["logprobs"]
     assert torch.isnan(logp[0, 0]) and torch.isnan(logp[1, 1])
     assert torch.isfinite(logp[0, 1:]).all()
+    # The counted bad label at [0, 0] poisons the loss and every stat it enters (as in the
+    # reference: torch.maximum propagates NaN, the kernels' min/max must too).
+    loss, stats = ppo_loss_from_logits(logits, labels, old, adv, mask, backend="triton")
+    assert torch.isnan(loss)
+    for key in ("policy_loss", "approx_kl", "ratio_mean", "ratio_max"):
+        assert torch.isnan(stats[key]), key
     labels[0, 0] = 3
     loss, _ = ppo_loss_from_logits(logits, labels, old, adv, mask, backend="triton")
     assert torch.isfinite(loss)
@@ -653,6 +675,8 @@ def test_bad_input_raises():
 
     with pytest.raises(ValueError, match="logits"):
         call(logits=logits[0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        call(logits=logits[..., :0])  # V = 0: the label gather would read out of bounds
     with pytest.raises(ValueError, match="logits"):
         call(logits=logits.double())
     with pytest.raises(ValueError, match="labels"):

@@ -263,6 +263,27 @@ def test_nan_logits_give_nan_rows_for_every_cluster_size(cluster, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cluster
+def test_nan_old_logprob_under_dual_clip_gives_nan_row_as_triton(monkeypatch):
+    # A NaN ratio (here from old_logprobs) with A < 0 and dual clip on: the dual clip must not
+    # zero the NaN gradient of that row (a NaN-skipping max would make the loss look clipped).
+    V = 16000
+    logits, labels, old, adv, mask, _ref = make_inputs(2, 4, V, torch.bfloat16)
+    old[1, 2] = float("nan")
+    adv[1, 2] = -1.0
+    mask[1, 2] = 1
+    got = run(logits, labels, old, adv, mask, dual_clip=3.0)
+    monkeypatch.setenv(ENV, "0")
+    want = run(logits, labels, old, adv, mask, dual_clip=3.0)
+    for g in (got[2], want[2]):
+        assert torch.isnan(g[1, 2]).all()
+        rest = torch.ones(2, 4, dtype=torch.bool, device="cuda")
+        rest[1, 2] = False
+        assert torch.isfinite(g[rest]).all()
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+
+
+@pytest.mark.gpu
+@needs_cluster
 def test_unaligned_rows_fall_back_to_triton():
     V = 1271  # V * 2 bytes is not a multiple of 16
     x = torch.randn(1, 3, V, device="cuda", dtype=torch.bfloat16)

@@ -222,7 +222,9 @@ __device__ __forceinline__ float ppo_dlogp(float log_ratio, float adv, const Row
   const bool clipped = loss_clipped > loss_plain;
   float d = clipped ? 0.f : loss_plain;
   if (p.has_dual) {
-    const float loss = fmaxf(loss_plain, loss_clipped);
+    // NaN-propagating max, as kernels/_terms.py (tl.maximum with PropagateNan.ALL): fmaxf would
+    // return the finite clipped loss for a NaN ratio, and the dual clip could then zero the NaN.
+    const float loss = isnan(loss_plain) ? loss_plain : fmaxf(loss_plain, loss_clipped);
     if (adv < 0.f && loss > -p.dual_clip * adv) d = 0.f;
   }
   return d;
