@@ -237,6 +237,18 @@ __device__ __forceinline__ float kl_dlogp(float diff, int kind) {
     case kKlK2:
       return diff;
     case kKlK3:
+      if (fabsf(diff) < 0.25f) {
+        // 1 - exp(-d) = -(x + x^2 q), x = -d, q by Horner: _k3_series in kernels/_terms.py
+        // (the fp32 difference 1 - exp(-d) loses about half its digits at |d| = 1e-3).
+        const float x = -diff;
+        float q = 1.f / 5040 + x * (1.f / 40320);
+        q = 1.f / 720 + x * q;
+        q = 1.f / 120 + x * q;
+        q = 1.f / 24 + x * q;
+        q = 1.f / 6 + x * q;
+        q = 0.5f + x * q;
+        return -x * (1.f + x * q);
+      }
       return 1.f - expf(-diff);
     case kKlAbs:
       return diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
