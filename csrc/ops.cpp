@@ -89,7 +89,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "ppo_from_logits_rows(Tensor logits, Tensor(a!) grad, Tensor labels, Tensor old_logprobs, "
       "Tensor advantages, Tensor? ref_logprobs, Tensor weights, Tensor(b!) logp, Tensor(c!) entropy, "
       "float inv_temperature, int ignore_index, float eps_low, float eps_high, float? dual_clip, "
-      "float kl_coef, int kl_kind, float entropy_coef, int cluster) -> ()");
+      "float kl_coef, int kl_kind, float? kl_clamp, float entropy_coef, int cluster) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

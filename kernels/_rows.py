@@ -56,6 +56,11 @@ def row_offset(row, T, stride_b, stride_t):
     return b * stride_b + (row - b * T) * stride_t
 
 
+# A constexpr default must itself be a tl.constexpr: Triton 3.6 does not wrap a plain default of an
+# omitted helper argument ("'str' object has no attribute 'type'" at compile time).
+_DEFAULT_EVICTION = tl.constexpr("")
+
+
 @triton.jit
 def row_online_stats(
     row_ptr,
@@ -63,9 +68,7 @@ def row_online_stats(
     inv_temperature,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    # A constexpr default must itself be a tl.constexpr: Triton 3.6 does not wrap a plain default
-    # of an omitted helper argument ("'str' object has no attribute 'type'" at compile time).
-    EVICTION: tl.constexpr = tl.constexpr(""),
+    EVICTION: tl.constexpr = _DEFAULT_EVICTION,
 ):
     """(m, s, t) of row_ptr[0:n_cols] / temperature; see the module docstring."""
     cols = tl.arange(0, BLOCK_V)

@@ -13,6 +13,7 @@ KL estimators (`KL_KIND` is a constexpr code from `KL_CODES`; `diff = logp - ref
         k2  (2):     kl = diff^2 / 2,           dkl = diff
         k3  (3):     kl = exp(-diff) + diff - 1, dkl = 1 - exp(-diff)  (series below |diff| 1/4)
         abs (4):     kl = |diff|,               dkl = sign(diff)  (0 at diff = 0)
+    clamp_kl(kl, dkl, c)            -> torch.clamp(kl, -c, c) and its derivative (0 outside)
     `KL_CODES` maps every name accepted by the public API (rlhf_fast.reference.KL_KINDS: k1, k2,
     k3, abs and the aliases kl, mse, low_var_kl) to its code; launchers pass
     `KL_CODES[kind]` as the constexpr (or KL_NONE when no KL term is wanted).
@@ -51,6 +52,7 @@ __all__ = [
     "KL_K2",
     "KL_K3",
     "KL_NONE",
+    "clamp_kl",
     "kl_dlogp",
     "kl_term",
     "kl_value",
@@ -102,6 +104,16 @@ def kl_term(diff, KL_KIND: tl.constexpr):
         kl = tl.full(diff.shape, 0.0, tl.float32)
         d_kl = kl
     return kl, d_kl
+
+
+@triton.jit
+def clamp_kl(kl, d_kl, clamp_val):
+    """torch.clamp(kl, -clamp_val, clamp_val) and its derivative (d_kl where the unclamped value
+    lies in [-clamp_val, clamp_val], else 0, as torch.clamp's backward). NaN stays NaN."""
+    inside = (kl >= -clamp_val) & (kl <= clamp_val)
+    # NaN-propagating min/max: the defaults would map a NaN KL to -clamp_val.
+    kl = tl.minimum(tl.maximum(kl, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
+    return kl, tl.where(inside, d_kl, 0.0)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from rlhf_fast._backend import kernel_mask
 
-from ._terms import KL_CODES, kl_term, kl_value
+from ._terms import KL_CODES, clamp_kl, kl_term, kl_value
 
 # Elementwise kernels: 2048 elements per program, 8 warps -> 8 per thread per tensor (two 16-byte
 # loads of fp32), the usual elementwise shape. 4096 (16 per thread) made Triton 3.6 allocate up to
@@ -57,8 +57,7 @@ def _kl_fwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     k = kl_value(logp, ref, KIND)
     if HAS_CLAMP:
-        # NaN-propagating, as torch.clamp: the default min/max would map a NaN KL to -clamp_val.
-        k = tl.minimum(tl.maximum(k, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
+        k, _ = clamp_kl(k, k, clamp_val)
     tl.store(out_ptr + offs, k, mask=valid)
 
 
@@ -85,7 +84,7 @@ def _kl_bwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     k, g = kl_term(logp - ref, KIND)
     if HAS_CLAMP:
-        g = tl.where((k >= -clamp_val) & (k <= clamp_val), g, 0.0)
+        _, g = clamp_kl(k, g, clamp_val)
     g = g * go
     if WRITE_LOGP:
         tl.store(grad_logp_ptr + offs, g.to(grad_logp_ptr.dtype.element_ty), mask=valid)

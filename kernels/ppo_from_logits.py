@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
-from ._terms import KL_CODES, KL_NONE, kl_term, ppo_clip_term
+from ._terms import KL_CODES, KL_NONE, clamp_kl, kl_term, ppo_clip_term
 
 # Layout of the stats vector written by the stats kernel.
 STAT_NAMES = ("policy_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max", "kl", "dual_clipfrac")
@@ -72,21 +72,26 @@ def _token_terms(
     eps_low,
     eps_high,
     dual_clip,
+    kl_clamp,
     HAS_DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
+    HAS_KL_CLAMP: tl.constexpr,
 ):
     """Per-token policy and KL terms and their derivatives w.r.t. logp (scalars or blocks).
 
     Returns (P, dP/dlogp, ratio, clipped, dual_active, kl, dkl/dlogp); the math and its gradient
-    conventions are the shared helpers of `_terms` (eps_low / eps_high are clip widths). Here only
-    the masking: an uncounted token uses log-ratio 0 (exp() of a garbage old log-prob there must
-    not give inf) and logp := ref (every KL estimator gives 0, never exp(huge)).
+    conventions are the shared helpers of `_terms` (eps_low / eps_high are clip widths; with
+    HAS_KL_CLAMP the KL is torch.clamp'ed to [-kl_clamp, kl_clamp], verl's low_var_kl clamp).
+    Here only the masking: an uncounted token uses log-ratio 0 (exp() of a garbage old log-prob
+    there must not give inf) and logp := ref (every KL estimator gives 0, never exp(huge)).
     """
     log_ratio = tl.where(counted, logp - old, 0.0)
     policy, d_policy, ratio, clipped, dual_active = ppo_clip_term(
         log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL
     )
     kl, d_kl = kl_term(tl.where(counted, logp - ref, 0.0), KL_KIND)
+    if HAS_KL_CLAMP:
+        kl, d_kl = clamp_kl(kl, d_kl, kl_clamp)
     return policy, d_policy, ratio, clipped, dual_active, kl, d_kl
 
 
@@ -113,9 +118,11 @@ def _ppo_from_logits_fwd_kernel(
     eps_high,
     dual_clip,
     kl_coef,
+    kl_clamp,
     entropy_coef,
     HAS_DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
+    HAS_KL_CLAMP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -154,7 +161,7 @@ def _ppo_from_logits_fwd_kernel(
         else:
             ref = logp
         _, d_policy, _, _, _, _, d_kl = _token_terms(
-            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, HAS_DUAL, KL_KIND
+            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, kl_clamp, HAS_DUAL, KL_KIND, HAS_KL_CLAMP
         )
         g_logp = d_policy + kl_coef * d_kl
         a = tl.where(counted, w * g_logp * inv_temperature, 0.0)
@@ -194,9 +201,11 @@ def _ppo_from_logits_stats_kernel(
     eps_high,
     dual_clip,
     kl_coef,
+    kl_clamp,
     entropy_coef,
     HAS_DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
+    HAS_KL_CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One program: loss = sum w L and the masked-mean stats, in a fixed order (deterministic)."""
@@ -226,7 +235,7 @@ def _ppo_from_logits_stats_kernel(
             ref = logp
         counted = mk != 0.0
         policy, _, ratio, clipped, dual_active, kl, _ = _token_terms(
-            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, HAS_DUAL, KL_KIND
+            logp, old, adv, ref, counted, eps_low, eps_high, dual_clip, kl_clamp, HAS_DUAL, KL_KIND, HAS_KL_CLAMP
         )
         total = policy + kl_coef * kl - entropy_coef * ent
         # where(): NaN / inf at an uncounted token never leaks into a sum.
@@ -374,6 +383,7 @@ def ppo_from_logits_fwd(
     kl_kind: str,
     entropy_coef: float,
     ignore_index: int,
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the fused forward; writes the logits gradient into `grad_out`.
 
@@ -384,7 +394,8 @@ def ppo_from_logits_fwd(
     stride 1 (may be `logits` itself: each element is read before it is overwritten, by the same
     program), or None: no gradient, the second pass is skipped (1 read of the logits in all).
     kl_kind is a name or alias in KL_CODES (k1|k2|k3|abs, kl|mse|low_var_kl), used only when
-    ref_logprobs is given and kl_coef != 0. eps_low / eps_high are clip widths (ratio bounds
+    ref_logprobs is given and kl_coef != 0; kl_clamp (or None) clamps the per-token KL to
+    [-kl_clamp, kl_clamp] (torch.clamp, gradient 0 outside). eps_low / eps_high are clip widths (ratio bounds
     1 - eps_low, 1 + eps_high). Returns (loss 0-d fp32, logp [B, T] fp32, entropy [B, T] fp32,
     stats [N_STATS] fp32 in STAT_NAMES order).
     """
@@ -406,6 +417,8 @@ def ppo_from_logits_fwd(
     ref_f = ref_logprobs.reshape(N).contiguous() if use_kl else old_f  # dummy pointer when unused
     has_dual = dual_clip is not None
     dual = float(dual_clip) if has_dual else 0.0
+    has_kl_clamp = use_kl and kl_clamp is not None
+    kl_clamp = float(kl_clamp) if has_kl_clamp else 0.0
     inv_t = 1.0 / float(temperature)
     eps_low, eps_high, kl_coef, entropy_coef = float(eps_low), float(eps_high), float(kl_coef), float(entropy_coef)
 
@@ -437,6 +450,7 @@ def ppo_from_logits_fwd(
             dual if has_dual else None,
             kl_coef,
             kl_code,
+            kl_clamp if has_kl_clamp else None,
             entropy_coef,
             cluster,
         )
@@ -466,9 +480,11 @@ def ppo_from_logits_fwd(
             eps_high,
             dual,
             kl_coef,
+            kl_clamp,
             entropy_coef,
             HAS_DUAL=has_dual,
             KL_KIND=kl_code,
+            HAS_KL_CLAMP=has_kl_clamp,
             WRITE_GRAD=write_grad,
             BLOCK_V=block_v,
             num_warps=num_warps,
@@ -488,9 +504,11 @@ def ppo_from_logits_fwd(
         eps_high,
         dual,
         kl_coef,
+        kl_clamp,
         entropy_coef,
         HAS_DUAL=has_dual,
         KL_KIND=kl_code,
+        HAS_KL_CLAMP=has_kl_clamp,
         BLOCK=1024,
         num_warps=8,
     )

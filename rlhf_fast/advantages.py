@@ -106,7 +106,8 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) with a multi-turn mask.
 
-    The recurrence of verl's `compute_gae_advantage_return` (multi-turn form): per row, for
+    The recurrence of verl's `compute_gae_advantage_return` (multi-turn form; verl then whitens
+    the advantages: `masked_whiten(adv, mask)` gives its numbers): per row, for
     t = T-1 down to 0, starting from nextvalue = lastgae = 0,
 
         delta_t      = r_t + gamma * nextvalue - v_t
@@ -155,8 +156,9 @@ def discounted_returns(
     Per row, for t = T-1 down to 0, starting from running = 0:
         running   = m_t * (r_t + gamma * running) + (1 - m_t) * running
         returns_t = running
-    (masked steps carry the running return through; with a 0/1 mask this is verl's
-    `compute_reinforce_plus_plus_outcome_advantage` return loop.)
+    (masked steps carry the running return through. verl's REINFORCE++ return loop differs at
+    masked steps inside a row: it adds r_t there and resets the carry to 0, so the two agree
+    only for right-padded masks with zero rewards on the padding.)
 
     Args:
         rewards: [B, T] fp32/bf16/fp16.
@@ -189,7 +191,9 @@ def masked_whiten(
 
     as verl's / TRL's `masked_whiten`. The statistics use counted entries only (one mean and
     variance over the whole tensor, not per row); the transform is applied at every position.
-    With fewer than two counted entries the variance is taken as 0 (no division by zero).
+    With fewer than two counted entries the variance is taken as 0 (no division by zero, no host
+    sync to check): the output is then (x - mean) / sqrt(eps), 0 at the counted entry and
+    up to ~1e4 |x| elsewhere; verl raises instead.
 
     Args:
         x: any shape, fp32/bf16/fp16 (e.g. [B, T] advantages).
@@ -232,9 +236,11 @@ def group_advantages(
     Args:
         scores: [B] fp32/bf16/fp16, B a multiple of group_size.
         group_size: responses per prompt, >= 1 (>= 2 for "grpo" and "rloo", whose std / leave-one-out
-            mean needs two rows).
+            mean needs two rows). With group_size = 1, "dr_grpo" gives 0 (r minus its own mean);
+            verl special-cases singleton groups (mean 0, std 1) and returns about the raw score.
         method: "grpo" (default), "dr_grpo" or "rloo".
-        eps: added to the std for "grpo", >= 0 (default 1e-6).
+        eps: added to the std for "grpo", >= 0 (default 1e-6, verl's; TRL uses 1e-4, OpenRLHF
+            1e-9).
         backend: None/"auto" or "reference" (there is no kernel).
     Returns:
         fp32 [B], without gradient.

@@ -228,7 +228,8 @@ def dpo_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair DPO-family preference losses from sequence log-probs.
 
-    Formulas of TRL's ``DPOTrainer.dpo_loss`` (``CPOTrainer`` for ``simpo``). With
+    Formulas of TRL's ``DPOTrainer.dpo_loss`` up to TRL 0.28 (``CPOTrainer`` for ``simpo``),
+    checked numerically against that source for every type (fp32 rounding apart). With
     d = (pi_c - pi_r) - (ref_c - ref_r), a = pi_c - ref_c, b = pi_r - ref_r, x = beta * d,
     eps = label_smoothing, s = sigmoid, logs = logsigmoid:
 
@@ -241,8 +242,9 @@ def dpo_loss(
                  given, as TRL does  (EXO)
     nca_pair     -logs(beta a) - logs(-beta a)/2 - logs(-beta b)/2  (NCA)
     bco_pair     -logs(beta a - delta) - logs(-(beta b - delta)), delta = detached mean of
-                 cat(beta a, beta b) over this batch (TRL keeps a running mean across steps;
-                 keep your own and shift if you need exactly that)  (BCO)
+                 cat(beta a, beta b) over this batch. TRL instead keeps a running mean over
+                 steps (an equal-weight mean of the per-step batch means, pooled across
+                 processes): its first step equals this, later steps differ  (BCO)
     sppo_hard    (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2  (SPPO, hard labels)
     apo_zero     (1 - s(beta a)) + s(beta b)  (APO-zero)
     apo_down     s(beta a) + (1 - s(x))  (APO-down)
@@ -253,6 +255,19 @@ def dpo_loss(
     simpo        y = beta (pi_c - pi_r) - gamma: -logs(y)(1 - eps) - logs(-y) eps; always
                  reference-free (pass length-averaged log-probs, as SimPO does)  (SimPO)
     ============ ==================================================================================
+
+    Differences from TRL a user comparing numbers will meet:
+      - ``reference_free=True`` takes every reference log-prob as 0, in every loss type and in
+        the rewards (beta * pi). TRL (up to 0.28; later versions dropped the option) drops the
+        reference only from d, a and b of sigmoid, hinge, ipo, robust, exo_pair, apo_zero and
+        apo_down; its nca_pair, bco_pair, sppo_hard, discopop and rewards still use it.
+      - ``ipo`` uses the log-probs as given. TRL length-averages them for IPO inside its forward
+        pass; pass averaged ones (``dpo_loss_from_logits(..., average=True)``) to match.
+      - A label_smoothing that the loss type does not use raises ValueError (TRL warns and
+        ignores it).
+      - Newer TRL (after its DPO refactor of 2026) changed three types: its sigmoid ignores
+        label_smoothing, its bco_pair has no delta, and its exo_pair requires
+        label_smoothing > 0.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] policy sequence log-probs (fp32, bf16,
@@ -350,7 +365,8 @@ def dpo_loss_from_logits(
             ``torch.no_grad()`` and ``rlhf_fast.sequence_logprobs(ref_logits, labels, mask,
             average=average)``); None allowed when reference-free / simpo.
         beta, loss_type, label_smoothing, reference_free, gamma, discopop_tau: as ``dpo_loss``.
-        average: length-average the sequence log-probs (IPO's normalised form, SimPO) (default False).
+        average: length-average the sequence log-probs (IPO's normalised form, SimPO) (default
+            False). TRL always averages for ``loss_type="ipo"``: pass True to match it.
         temperature: divides the logits before the softmax (default 1.0).
         ignore_index: default -100.
         backend: None/"auto", "triton" or "reference".

@@ -10,7 +10,7 @@ class PPOLoss(nn.Module):
     """PPO / GRPO actor loss straight from logits (`rlhf_fast.ppo_loss_from_logits`).
 
     Hyper-parameters (defaults as the functional op): clip_eps=0.2, clip_eps_high=None (=clip_eps),
-    dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, agg="token-mean", horizon=None,
+    dual_clip=None, kl_coef=0.0, kl_kind="k3", kl_clamp=None, entropy_coef=0.0, agg="token-mean", horizon=None,
     temperature=1.0, ignore_index=-100, inplace_backward=False (the gradient overwrites the
     logits' storage), backend=None.
 
@@ -25,6 +25,7 @@ class PPOLoss(nn.Module):
         dual_clip: float | None = None,
         kl_coef: float = 0.0,
         kl_kind: str = "k3",
+        kl_clamp: float | None = None,
         entropy_coef: float = 0.0,
         agg: str = "token-mean",
         horizon: int | None = None,
@@ -41,6 +42,7 @@ class PPOLoss(nn.Module):
             dual_clip=dual_clip,
             kl_coef=kl_coef,
             kl_kind=kl_kind,
+            kl_clamp=kl_clamp,
             entropy_coef=entropy_coef,
             agg=agg,
             horizon=horizon,

@@ -253,7 +253,11 @@ def ppo_policy_loss(
         mask: [B, T] bool, integer or float; 1 = token counts (a float mask weights the token).
         clip_eps: lower clip range eps_low >= 0 (default 0.2).
         clip_eps_high: upper clip range eps_high >= 0 (DAPO clip-higher); default clip_eps.
-        dual_clip: None (default) or c > 1 (dual-clip PPO, applied where A < 0).
+        dual_clip: None (default) or c > 1 (dual-clip PPO, applied where A < 0). verl always
+            applies it with c = 3 (clip_ratio_c): pass dual_clip=3.0 to get verl's numbers.
+            (verl also clamps the log-ratio to [-20, 20] before exp; that shows only for tokens
+            with |logp - old| > 20.) Note the argument order: verl's compute_policy_loss takes
+            (old_log_prob, log_prob, advantages, ...).
         agg: "token-mean" (default), "seq-mean-token-sum", "seq-mean-token-mean",
             "seq-mean-token-sum-norm" (see rlhf_fast.aggregate).
         horizon: divisor for "seq-mean-token-sum-norm" (default T).
@@ -332,7 +336,8 @@ def ppo_value_loss(
 
     Args:
         values: [B, T] current value predictions, fp32/bf16/fp16 (fp64 accepted), any strides.
-        old_values: [B, T] value predictions at rollout time; returns: [B, T] targets.
+        old_values: [B, T] value predictions at rollout time; returns: [B, T] targets. (verl's
+            compute_value_loss takes (vpreds, returns, values, ...): a different order.)
         mask: [B, T] bool, integer or float; 1 = token counts.
         clip_eps: value clip range >= 0 (default 0.2).
         agg, horizon: as in `ppo_policy_loss`.

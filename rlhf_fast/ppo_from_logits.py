@@ -75,6 +75,7 @@ def _fwd_op(
     dual_clip: Optional[float],
     kl_coef: float,
     kl_kind: str,
+    kl_clamp: Optional[float],
     entropy_coef: float,
     ignore_index: int,
     write_grad: bool,
@@ -104,6 +105,7 @@ def _fwd_op(
         dual_clip=dual_clip,
         kl_coef=kl_coef,
         kl_kind=kl_kind,
+        kl_clamp=kl_clamp,
         entropy_coef=entropy_coef,
         ignore_index=ignore_index,
     )
@@ -127,6 +129,7 @@ def _fwd_fake(
     dual_clip,
     kl_coef,
     kl_kind,
+    kl_clamp,
     entropy_coef,
     ignore_index,
     write_grad,
@@ -157,6 +160,7 @@ def _fwd_inplace_op(
     dual_clip: Optional[float],
     kl_coef: float,
     kl_kind: str,
+    kl_clamp: Optional[float],
     entropy_coef: float,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -179,6 +183,7 @@ def _fwd_inplace_op(
         dual_clip=dual_clip,
         kl_coef=kl_coef,
         kl_kind=kl_kind,
+        kl_clamp=kl_clamp,
         entropy_coef=entropy_coef,
         ignore_index=ignore_index,
     )
@@ -219,7 +224,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused_grads):
     # Only the logits get a gradient: old_logprobs, advantages, weights, mask and ref_logprobs are
     # targets (detached), the floats are hyper-parameters.
-    no_input_grads = (None,) * 15
+    no_input_grads = (None,) * 16
     if not ctx.write_grad:  # the logits did not require grad
         return (None,) + no_input_grads
     if torch.compiler.is_compiling():
@@ -259,6 +264,7 @@ class _InplaceBackward(torch.autograd.Function):
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(logp, ent, stats)
         ctx.grad_consumed = False
+        ctx.n_args = len(args)
         return loss, logp, ent, stats
 
     @staticmethod
@@ -268,7 +274,7 @@ class _InplaceBackward(torch.autograd.Function):
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
         _scale_grad_op(grad, grad_loss)
-        return (grad,) + (None,) * 14
+        return (grad,) + (None,) * ctx.n_args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +295,7 @@ def ppo_loss_from_logits(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
+    kl_clamp: float | None = None,
     entropy_coef: float = 0.0,
     agg: str = "token-mean",
     horizon: float | None = None,
@@ -316,6 +323,8 @@ def ppo_loss_from_logits(
         dual_clip: c > 1 enables dual-clip for negative advantages. Default None.
         ref_logprobs: [B, T] float or None, detached. kl_coef: weight of the KL term (default 0).
         kl_kind: k1 | k2 | k3 | abs (aliases kl, mse, low_var_kl). Default "k3".
+        kl_clamp: None (default) or c >= 0: the per-token KL is torch.clamp'ed to [-c, c], its
+            gradient 0 outside. verl clamps low_var_kl (k3) to [-10, 10]: pass 10.0 to match.
         entropy_coef: weight of the entropy bonus (subtracted). Default 0.
         agg, horizon: see `rlhf_fast.aggregate` (default "token-mean").
         ignore_index: label value of tokens that never count. Default -100.
@@ -377,6 +386,7 @@ def ppo_loss_from_logits(
     if dual_clip is not None:
         dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
     kl_coef = check_float("kl_coef", kl_coef)
+    kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
     entropy_coef = check_float("entropy_coef", entropy_coef)
     if kl_kind not in _KL_KINDS:
         raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
@@ -398,6 +408,7 @@ def ppo_loss_from_logits(
             ref_logprobs=ref_logprobs,
             kl_coef=kl_coef,
             kl_kind=kl_kind,
+            kl_clamp=kl_clamp,
             entropy_coef=entropy_coef,
             agg=agg,
             horizon=horizon,
@@ -427,6 +438,7 @@ def ppo_loss_from_logits(
         dual_clip,
         kl_coef,
         _KL_KINDS[kl_kind],
+        kl_clamp,
         entropy_coef,
         ignore_index,
     )

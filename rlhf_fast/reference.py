@@ -421,13 +421,14 @@ def ppo_loss_from_logits(
     ref_logprobs=None,
     kl_coef=0.0,
     kl_kind="k3",
+    kl_clamp=None,
     entropy_coef=0.0,
     agg="token-mean",
     horizon=None,
     ignore_index=-100,
 ):
     """PPO/GRPO actor loss from logits [B, T, V]: per-token log-probs and entropy, the clipped
-    policy term, + kl_coef * kl_penalty(logp, ref, kl_kind) when ref_logprobs is given,
+    policy term, + kl_coef * kl_penalty(logp, ref, kl_kind, clamp=kl_clamp) when ref_logprobs is given,
     - entropy_coef * entropy, aggregated (ignore_index tokens count as masked out).
 
     Returns (loss, stats): logprobs [B, T] (detached), entropy (masked mean), clipfrac,
@@ -444,7 +445,7 @@ def ppo_loss_from_logits(
     if ref_logprobs is not None and kl_coef != 0.0:
         ref = ref_logprobs.detach().to(logp.dtype)
         # Same reason as the log-ratio: k3's exp must not see a huge difference at uncounted tokens.
-        kl_tok = kl_penalty(torch.where(counted, logp, ref), ref, kl_kind)
+        kl_tok = kl_penalty(torch.where(counted, logp, ref), ref, kl_kind, clamp=kl_clamp)
         total = total + kl_coef * kl_tok
         kl_mean = _masked_mean(kl_tok, m).detach()
     else:
@@ -504,6 +505,8 @@ def dpo_loss(
         raise ValueError(f"loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
     if label_smoothing != 0.0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
         raise ValueError(f"label_smoothing has no meaning for loss_type={loss_type!r}")
+    if loss_type == "robust" and not label_smoothing < 0.5:  # as the public op: 1 - 2 ls <= 0
+        raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust', got {label_smoothing}")
     dt = _compute_dtype(policy_chosen_logps)
     pc, pr = policy_chosen_logps.to(dt), policy_rejected_logps.to(dt)
     no_ref = reference_free or loss_type == "simpo"

@@ -349,7 +349,7 @@ class Cases:
         )
         return Case(_label("logprobs_backward", dtype, f"V={V}", mode, i64=i64), call, i64)
 
-    def ppo_from_logits(self, dtype, V, kl_kind, dual_clip, write_grad, i64=False) -> Case:
+    def ppo_from_logits(self, dtype, V, kl_kind, dual_clip, write_grad, i64=False, kl_clamp=None) -> Case:
         """kl_kind None: no reference log-probs (KL_NONE)."""
         logits = torch.zeros(1, ROWS, V, dtype=dtype)
         per_token = torch.zeros(1, ROWS)
@@ -371,8 +371,10 @@ class Cases:
             kl_kind=kl_kind or "k1",
             entropy_coef=0.01,
             ignore_index=-100,
+            kl_clamp=kl_clamp,
         )
-        flags = (f"kl={kl_kind or 'none'}", f"dual_clip={dual_clip}", "write_grad" if write_grad else "no_grad")
+        flags = (f"kl={kl_kind or 'none'}", f"kl_clamp={kl_clamp}", f"dual_clip={dual_clip}")
+        flags += ("write_grad" if write_grad else "no_grad",)
         return Case(_label("ppo_from_logits_fwd", dtype, f"V={V}", *flags, i64=i64), call, i64)
 
     def scale_rows(self, dtype, V, i64=False) -> Case:
@@ -459,6 +461,7 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.ppo_from_logits(BF16, BIG_V, "k2", 3.0, True),
         c.ppo_from_logits(BF16, BIG_V, "abs", None, False),
         c.ppo_from_logits(BF16, BIG_V, None, 3.0, True),
+        c.ppo_from_logits(BF16, BIG_V, "k3", 3.0, True, kl_clamp=10.0),
     ]
     cases += [
         c.logprobs_forward(BF16, ODD_V, "logp+entropy"),

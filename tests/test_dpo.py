@@ -228,6 +228,9 @@ def test_label_smoothing_out_of_range(loss_type, ls):
     pc, pr, rc, rr = random_pairs(B=4)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=ls, backend="triton")
+    if loss_type == "robust":  # the ground truth refuses it too (1 - 2 ls <= 0)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            reference.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, label_smoothing=ls)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.3])

@@ -53,8 +53,8 @@ def make_inputs(B=2, T=6, dtype=torch.float32, *, seed=0, holes=True, ignore=Tru
 
 
 def expected_from_pieces(logits, labels, old, adv, mask, *, temperature=1.0, clip_eps=0.2, clip_eps_high=None,
-                         dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0,
-                         agg="token-mean", horizon=None, ignore_index=-100):
+                         dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", kl_clamp=None,
+                         entropy_coef=0.0, agg="token-mean", horizon=None, ignore_index=-100):
     """(loss, stats) composed from reference.logprobs, ppo_policy_loss, kl_penalty, aggregate."""
     logp, ent = reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=True)
@@ -65,7 +65,7 @@ def expected_from_pieces(logits, labels, old, adv, mask, *, temperature=1.0, cli
     loss = policy
     kl_mean = torch.zeros(())
     if ref_logprobs is not None and kl_coef != 0.0:
-        kl = reference.kl_penalty(logp, ref_logprobs, kl_kind)
+        kl = reference.kl_penalty(logp, ref_logprobs, kl_kind, clamp=kl_clamp)
         loss = loss + kl_coef * reference.aggregate(kl, m, agg, horizon=horizon)
         kl_mean = reference.aggregate(kl, m, "token-mean").detach()
     if entropy_coef != 0.0:
@@ -120,6 +120,9 @@ OPTIONS = {
     "alias_low_var_kl": dict(kl_kind="low_var_kl", kl_coef=0.3),
     "alias_mse": dict(kl_kind="mse", kl_coef=0.3),
     "alias_kl": dict(kl_kind="kl", kl_coef=0.3),
+    # clamps small enough that many tokens' KL lies outside (value clamped, gradient 0 there)
+    "k3_clamp": dict(kl_kind="k3", kl_coef=0.3, kl_clamp=0.05),
+    "k1_clamp": dict(kl_kind="k1", kl_coef=0.3, kl_clamp=0.3),
     "ref_but_no_coef": dict(kl_kind="k3", kl_coef=0.0),
     "entropy_coef": dict(entropy_coef=0.05),
     "seq-mean-token-sum": dict(agg="seq-mean-token-sum"),
@@ -128,11 +131,12 @@ OPTIONS = {
     "seq-mean-token-sum-norm-horizon": dict(agg="seq-mean-token-sum-norm", horizon=4096),
     "temperature": dict(temperature=0.6),
     "everything": dict(temperature=1.3, clip_eps=0.15, clip_eps_high=0.3, dual_clip=2.0, kl_kind="k3",
-                       kl_coef=0.1, entropy_coef=0.02, agg="seq-mean-token-mean"),
+                       kl_coef=0.1, kl_clamp=0.1, entropy_coef=0.02, agg="seq-mean-token-mean"),
 }
 
 
-BF16_OPTIONS = ("default", "dual_clip", "k3", "abs", "entropy_coef", "seq-mean-token-mean", "temperature", "everything")
+BF16_OPTIONS = ("default", "dual_clip", "k3", "k3_clamp", "abs", "entropy_coef", "seq-mean-token-mean", "temperature",
+                "everything")
 CASES = [(name, torch.float32) for name in OPTIONS] + [(name, torch.bfloat16) for name in BF16_OPTIONS]
 
 
@@ -151,6 +155,16 @@ def test_matches_reference(name, dtype):
         assert_close(got[0], loss_r)
         for key in stats_r:
             assert_close(got[1][key], stats_r[key], msg=key)
+
+
+def test_kl_clamp_is_exercised():
+    """The clamped options do clamp some tokens and leave others: not vacuous either way."""
+    logits, labels, old, adv, mask, ref = make_inputs()
+    logp = reference.logprobs(logits, labels)
+    for kind, c in (("k3", 0.05), ("k1", 0.3)):
+        kl = reference.kl_penalty(logp, ref, kind)[mask.bool() & (labels != -100)]
+        outside = (kl.abs() > c).float().mean()
+        assert 0.1 < float(outside) < 0.9, (kind, float(outside))
 
 
 def test_clip_regions_are_exercised():
@@ -405,7 +419,7 @@ def _op_args(dtype=torch.float32, with_ref=True):
     counted = (mask != 0) & (labels != -100)
     m = torch.where(counted, mask, 0.0)
     w = m / m.sum()
-    return (logits, labels, old, adv, w, m, ref if with_ref else None, 0.9, 0.2, 0.25, 2.0, 0.1, "k3", 0.01, -100)
+    return (logits, labels, old, adv, w, m, ref if with_ref else None, 0.9, 0.2, 0.25, 2.0, 0.1, "k3", 10.0, 0.01, -100)
 
 
 @pytest.mark.parametrize("with_ref,write_grad", [(True, True), (False, True), (True, False)])
@@ -695,6 +709,8 @@ def test_bad_input_raises():
         call(ref_logprobs=ref, kl_coef=0.1, kl_kind="k4")
     with pytest.raises(ValueError, match="dual_clip"):
         call(dual_clip=1.0)
+    with pytest.raises(ValueError, match="kl_clamp"):
+        call(ref_logprobs=ref, kl_coef=0.1, kl_clamp=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         call(temperature=0.0)
     with pytest.raises(ValueError, match="clip_eps"):

@@ -85,8 +85,8 @@ struct RowParams {
   int64_t T, V;
   int64_t slice_vec;           // 16-byte vectors per block (the last block's slice may be shorter)
   int64_t ignore_index;
-  float inv_temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef;
-  int has_dual, kl_kind;
+  float inv_temperature, eps_low, eps_high, dual_clip, kl_coef, kl_clamp, entropy_coef;
+  int has_dual, kl_kind, has_kl_clamp;
 };
 
 // The device helpers exist only where the kernel has a body (host pass and sm_90+), so compiling
@@ -230,6 +230,35 @@ __device__ __forceinline__ float ppo_dlogp(float log_ratio, float adv, const Row
   return d;
 }
 
+// q = (e^x - 1 - x) / x^2 by its Taylor series (|x| < 1/4): _k3_series in kernels/_terms.py.
+// k3 = x^2 q and 1 - exp(-d) = -(x + x^2 q) with x = -d; the fp32 differences exp(-d) + d - 1
+// and 1 - exp(-d) lose most of their digits for small |d|.
+__device__ __forceinline__ float k3_series_q(float x) {
+  float q = 1.f / 5040 + x * (1.f / 40320);
+  q = 1.f / 720 + x * q;
+  q = 1.f / 120 + x * q;
+  q = 1.f / 24 + x * q;
+  q = 1.f / 6 + x * q;
+  return 0.5f + x * q;
+}
+
+// The KL estimator's value (needed only for the clamp test), as kl_term in kernels/_terms.py.
+__device__ __forceinline__ float kl_value(float diff, int kind) {
+  switch (kind) {
+    case kKlK1:
+      return diff;
+    case kKlK2:
+      return 0.5f * diff * diff;
+    case kKlK3:
+      if (fabsf(diff) < 0.25f) return diff * diff * k3_series_q(-diff);
+      return expf(-diff) + diff - 1.f;
+    case kKlAbs:
+      return fabsf(diff);
+    default:
+      return 0.f;
+  }
+}
+
 __device__ __forceinline__ float kl_dlogp(float diff, int kind) {
   switch (kind) {
     case kKlK1:
@@ -237,18 +266,7 @@ __device__ __forceinline__ float kl_dlogp(float diff, int kind) {
     case kKlK2:
       return diff;
     case kKlK3:
-      if (fabsf(diff) < 0.25f) {
-        // 1 - exp(-d) = -(x + x^2 q), x = -d, q by Horner: _k3_series in kernels/_terms.py
-        // (the fp32 difference 1 - exp(-d) loses about half its digits at |d| = 1e-3).
-        const float x = -diff;
-        float q = 1.f / 5040 + x * (1.f / 40320);
-        q = 1.f / 720 + x * q;
-        q = 1.f / 120 + x * q;
-        q = 1.f / 24 + x * q;
-        q = 1.f / 6 + x * q;
-        q = 0.5f + x * q;
-        return -x * (1.f + x * q);
-      }
+      if (fabsf(diff) < 0.25f) return diff * (1.f - diff * k3_series_q(-diff));
       return 1.f - expf(-diff);
     case kKlAbs:
       return diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
@@ -429,7 +447,17 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
     const float old = p.old_logprobs[row];
     const float adv = p.advantages[row];
     float g_logp = ppo_dlogp(logp - old, adv, p);
-    if (p.kl_kind != kKlNone) g_logp += p.kl_coef * kl_dlogp(logp - p.ref_logprobs[row], p.kl_kind);
+    if (p.kl_kind != kKlNone) {
+      const float diff = logp - p.ref_logprobs[row];
+      float d_kl = kl_dlogp(diff, p.kl_kind);
+      // torch.clamp's derivative (kernels/_terms.py clamp_kl): 0 where the KL lies outside
+      // [-kl_clamp, kl_clamp] (verl's low_var_kl clamp), kept where it is NaN-free and inside.
+      if (p.has_kl_clamp) {
+        const float kl = kl_value(diff, p.kl_kind);
+        if (!(kl >= -p.kl_clamp && kl <= p.kl_clamp)) d_kl = 0.f;
+      }
+      g_logp += p.kl_coef * d_kl;
+    }
     const float a = w * g_logp * p.inv_temperature;
     const float bcoef = w * p.entropy_coef * p.inv_temperature;
     // grad_j = p_j (b' x_j - K) (+ a at the label), p_j = 2^(x_j c - lse log2 e),
@@ -604,7 +632,8 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
                                const std::optional<at::Tensor>& ref_logprobs, const at::Tensor& weights,
                                const at::Tensor& logp, const at::Tensor& entropy, double inv_temperature,
                                int64_t ignore_index, double eps_low, double eps_high, std::optional<double> dual_clip,
-                               double kl_coef, int64_t kl_kind, double entropy_coef, int64_t cluster) {
+                               double kl_coef, int64_t kl_kind, std::optional<double> kl_clamp, double entropy_coef,
+                               int64_t cluster) {
   const char* op = "rlhf_fast::ppo_from_logits_rows";
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 3, op, ": logits must be a 3-D [B, T, V] CUDA tensor, got ",
               logits.sizes(), " on ", logits.device());
@@ -663,6 +692,8 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
   p.dual_clip = dual_clip.has_value() ? static_cast<float>(*dual_clip) : 0.f;
   p.kl_coef = static_cast<float>(kl_coef);
   p.kl_kind = static_cast<int>(kl_kind);
+  p.has_kl_clamp = kl_clamp.has_value() ? 1 : 0;
+  p.kl_clamp = kl_clamp.has_value() ? static_cast<float>(*kl_clamp) : 0.f;
   p.entropy_coef = static_cast<float>(entropy_coef);
 
   const int device = logits.get_device();
