@@ -13,7 +13,9 @@ KL estimators (`KL_KIND` is a constexpr code from `KL_CODES`; `diff = logp - ref
         k2  (2):     kl = diff^2 / 2,           dkl = diff
         k3  (3):     kl = exp(-diff) + diff - 1, dkl = 1 - exp(-diff)  (series below |diff| 1/4)
         abs (4):     kl = |diff|,               dkl = sign(diff)  (0 at diff = 0)
-    clamp_kl(kl, dkl, c)            -> torch.clamp(kl, -c, c) and its derivative (0 outside)
+        k1+ (5), k3+ (7), abs+ (8): straight-through (verl): kl of k1 / k3 / abs, dkl = diff (k2's)
+    clamp_kl(kl, dkl, c, KL_KIND)   -> torch.clamp(kl, -c, c) and its derivative (0 outside;
+                                       the straight-through kinds keep k2's derivative)
     `KL_CODES` maps every name accepted by the public API (rlhf_fast.reference.KL_KINDS: k1, k2,
     k3, abs and the aliases kl, mse, low_var_kl) to its code; launchers pass
     `KL_CODES[kind]` as the constexpr (or KL_NONE when no KL term is wanted).
@@ -41,17 +43,33 @@ import triton.language as tl
 from rlhf_fast.reference import KL_KINDS
 
 KL_NONE, KL_K1, KL_K2, KL_K3, KL_ABS = 0, 1, 2, 3, 4
-_CANONICAL_CODES = {"k1": KL_K1, "k2": KL_K2, "k3": KL_K3, "abs": KL_ABS}
+# Straight-through kinds (verl's "k1+", "k3+", "abs+"): the base estimator's value, k2's gradient.
+# Code = base code + KL_ST_OFFSET (k2+ is k2 itself, so 6 is unused).
+KL_ST_OFFSET = 4
+KL_K1_ST, KL_K3_ST, KL_ABS_ST = KL_K1 + KL_ST_OFFSET, KL_K3 + KL_ST_OFFSET, KL_ABS + KL_ST_OFFSET
+_CANONICAL_CODES = {
+    "k1": KL_K1,
+    "k2": KL_K2,
+    "k3": KL_K3,
+    "abs": KL_ABS,
+    "k1+": KL_K1_ST,
+    "k3+": KL_K3_ST,
+    "abs+": KL_ABS_ST,
+}
 # name or alias (rlhf_fast.reference.KL_KINDS) -> constexpr code
 KL_CODES = {name: _CANONICAL_CODES[canonical] for name, canonical in KL_KINDS.items()}
 
 __all__ = [
     "KL_ABS",
+    "KL_ABS_ST",
     "KL_CODES",
     "KL_K1",
+    "KL_K1_ST",
     "KL_K2",
     "KL_K3",
+    "KL_K3_ST",
     "KL_NONE",
+    "KL_ST_OFFSET",
     "clamp_kl",
     "kl_dlogp",
     "kl_term",
@@ -85,6 +103,17 @@ def _k3_series(diff):
 @triton.jit
 def kl_term(diff, KL_KIND: tl.constexpr):
     """(kl, dkl/dlogp) of the estimator KL_KIND at diff = logp - ref (fp32, scalar or block)."""
+    if KL_KIND > 4:  # straight-through (k1+, k3+, abs+): the base's value, k2's derivative
+        kl, _ = _kl_base_term(diff, KL_KIND - 4)
+        d_kl = diff
+    else:
+        kl, d_kl = _kl_base_term(diff, KL_KIND)
+    return kl, d_kl
+
+
+@triton.jit
+def _kl_base_term(diff, KL_KIND: tl.constexpr):
+    """kl_term of the estimators 0..4 (KL_NONE, k1, k2, k3, abs)."""
     if KL_KIND == 1:  # k1
         kl = diff
         d_kl = tl.full(diff.shape, 1.0, tl.float32)
@@ -107,12 +136,15 @@ def kl_term(diff, KL_KIND: tl.constexpr):
 
 
 @triton.jit
-def clamp_kl(kl, d_kl, clamp_val):
+def clamp_kl(kl, d_kl, clamp_val, KL_KIND: tl.constexpr):
     """torch.clamp(kl, -clamp_val, clamp_val) and its derivative (d_kl where the unclamped value
-    lies in [-clamp_val, clamp_val], else 0, as torch.clamp's backward). NaN stays NaN."""
+    lies in [-clamp_val, clamp_val], else 0, as torch.clamp's backward). NaN stays NaN. The
+    straight-through kinds clamp the value only: their gradient is k2's, never clamped (verl)."""
     inside = (kl >= -clamp_val) & (kl <= clamp_val)
     # NaN-propagating min/max: the defaults would map a NaN KL to -clamp_val.
     kl = tl.minimum(tl.maximum(kl, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
+    if KL_KIND > 4:
+        return kl, d_kl
     return kl, tl.where(inside, d_kl, 0.0)
 
 

@@ -57,7 +57,7 @@ def _kl_fwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     k = kl_value(logp, ref, KIND)
     if HAS_CLAMP:
-        k, _ = clamp_kl(k, k, clamp_val)
+        k, _ = clamp_kl(k, k, clamp_val, KIND)
     tl.store(out_ptr + offs, k, mask=valid)
 
 
@@ -84,7 +84,7 @@ def _kl_bwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     k, g = kl_term(logp - ref, KIND)
     if HAS_CLAMP:
-        _, g = clamp_kl(k, g, clamp_val)
+        _, g = clamp_kl(k, g, clamp_val, KIND)
     g = g * go
     if WRITE_LOGP:
         tl.store(grad_logp_ptr + offs, g.to(grad_logp_ptr.dtype.element_ty), mask=valid)

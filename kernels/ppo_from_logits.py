@@ -91,7 +91,7 @@ def _token_terms(
     )
     kl, d_kl = kl_term(tl.where(counted, logp - ref, 0.0), KL_KIND)
     if HAS_KL_CLAMP:
-        kl, d_kl = clamp_kl(kl, d_kl, kl_clamp)
+        kl, d_kl = clamp_kl(kl, d_kl, kl_clamp, KL_KIND)
     return policy, d_policy, ratio, clipped, dual_active, kl, d_kl
 
 

@@ -165,6 +165,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
         "k2" (alias "mse")         d^2 / 2
         "k3" (alias "low_var_kl")  exp(-d) + d - 1  = exp(ref - logp) - (ref - logp) - 1  (>= 0)
         "abs"                      |d|
+        "k1+", "k3+", "abs+" (aliases "kl+", "low_var_kl+"; "k2+" / "mse+" = "k2"): verl's
+            straight-through kinds: the value of k1 / k3 / abs, the gradient of k2 (d), which is
+            an unbiased gradient of the KL; a clamp applies to the value only.
 
     Args:
         logprobs: any shape, fp32/bf16/fp16 (fp64 accepted; math in fp32 on the Triton path).

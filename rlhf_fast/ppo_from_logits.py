@@ -322,7 +322,9 @@ def ppo_loss_from_logits(
         clip_eps / clip_eps_high: lower / upper clip range (upper defaults to clip_eps).
         dual_clip: c > 1 enables dual-clip for negative advantages. Default None.
         ref_logprobs: [B, T] float or None, detached. kl_coef: weight of the KL term (default 0).
-        kl_kind: k1 | k2 | k3 | abs (aliases kl, mse, low_var_kl). Default "k3".
+        kl_kind: k1 | k2 | k3 | abs (aliases kl, mse, low_var_kl), or verl's straight-through
+            k1+ | k3+ | abs+ (value of the base estimator, gradient of k2; see kl_penalty).
+            Default "k3".
         kl_clamp: None (default) or c >= 0: the per-token KL is torch.clamp'ed to [-c, c], its
             gradient 0 outside. verl clamps low_var_kl (k3) to [-10, 10]: pass 10.0 to match.
         entropy_coef: weight of the entropy bonus (subtracted). Default 0.

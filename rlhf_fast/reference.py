@@ -40,7 +40,24 @@ __all__ = [
     "AGG_MODES",
 ]
 
-KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3", "abs": "abs"}
+# name or alias -> canonical kind. "+" kinds (verl): the base estimator's value with k2's
+# gradient (straight-through, an unbiased gradient of the KL); k2+ is k2 itself.
+KL_KINDS = {
+    "k1": "k1",
+    "kl": "k1",
+    "k2": "k2",
+    "mse": "k2",
+    "k3": "k3",
+    "low_var_kl": "k3",
+    "abs": "abs",
+    "k1+": "k1+",
+    "kl+": "k1+",
+    "k2+": "k2",
+    "mse+": "k2",
+    "k3+": "k3+",
+    "low_var_kl+": "k3+",
+    "abs+": "abs+",
+}
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -157,10 +174,16 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
     k1 ("kl") = logp - ref; k2 ("mse") = 0.5 (logp - ref)^2;
     k3 ("low_var_kl") = exp(ref - logp) - (ref - logp) - 1; abs = |logp - ref|.
     clamp=c clamps the result to [-c, c] (verl clamps low_var_kl to [-10, 10]). fp32 out.
+    "k1+", "k3+", "abs+" (aliases kl+, low_var_kl+; k2+ / mse+ = k2): verl's straight-through
+    kinds, the base estimator's value (clamped if asked) with the gradient of k2, i.e. logp - ref.
     """
     if kind not in KL_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(KL_KINDS)}")
     kind = KL_KINDS[kind]
+    if kind.endswith("+"):
+        value = kl_penalty(logprobs, ref_logprobs, kind[:-1], clamp=clamp)
+        k2 = kl_penalty(logprobs, ref_logprobs, "k2")
+        return k2 - k2.detach() + value.detach()
     dt = _compute_dtype(logprobs)
     logp, ref = logprobs.to(dt), ref_logprobs.to(dt)
     diff = logp - ref

@@ -302,7 +302,7 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (FP32, BF16, FP16)
 DTYPE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16"}
 ROWS = 4  # tokens per row-kernel call (B = 1, T = 4)
-KL_KINDS = ("k1", "k2", "k3", "abs")
+KL_KINDS = ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+")
 BIG_V = 32000  # BLOCK_V 2048, 8 warps: the production row config
 ODD_V = 1271  # also BLOCK_V 2048, but V and the row strides are not multiples of 16
 SMALL_V = (100, 600)  # the 2- and 4-warp rows of _rows.WARPS_BY_BLOCK
@@ -462,6 +462,7 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.ppo_from_logits(BF16, BIG_V, "abs", None, False),
         c.ppo_from_logits(BF16, BIG_V, None, 3.0, True),
         c.ppo_from_logits(BF16, BIG_V, "k3", 3.0, True, kl_clamp=10.0),
+        c.ppo_from_logits(BF16, BIG_V, "k3+", None, True, kl_clamp=10.0),
     ]
     cases += [
         c.logprobs_forward(BF16, ODD_V, "logp+entropy"),
@@ -506,6 +507,8 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.kl_backward(BF16, 100000, "k2", None, True, False),
         c.kl_backward(FP16, 100000, "k3", None, False, True),
         c.kl_backward(BF16, 100000, "abs", 10.0, True, True),
+        c.kl_forward(BF16, 100000, "k3+", 10.0),
+        c.kl_backward(BF16, 100000, "k3+", 10.0, True, True),
         c.shape_rewards(FP32, 5000, torch.bool, "k1"),
         c.shape_rewards(BF16, 5000, torch.float32, "k2"),
         c.shape_rewards(FP16, 7, torch.bool, "k3"),

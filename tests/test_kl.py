@@ -10,8 +10,8 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.kl import _kl_penalty_backward_op, _kl_penalty_op, _shape_rewards_op
 
-KINDS = ["k1", "k2", "k3", "abs"]
-ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+KINDS = ["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"]
+ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "kl+": "k1+", "low_var_kl+": "k3+", "k2+": "k2", "mse+": "k2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -21,6 +21,8 @@ ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 def oracle_kl(logp: float, ref: float, kind: str, clamp=None) -> tuple[float, float]:
     """(value, d value / d logp) in float64; d/dref is the negative."""
     d = logp - ref
+    if kind.endswith("+"):  # straight-through: the base's (clamped) value, k2's gradient
+        return oracle_kl(logp, ref, kind[:-1], clamp)[0], d
     if kind == "k1":
         v, g = d, 1.0
     elif kind == "k2":

@@ -123,6 +123,8 @@ OPTIONS = {
     # clamps small enough that many tokens' KL lies outside (value clamped, gradient 0 there)
     "k3_clamp": dict(kl_kind="k3", kl_coef=0.3, kl_clamp=0.05),
     "k1_clamp": dict(kl_kind="k1", kl_coef=0.3, kl_clamp=0.3),
+    # straight-through (verl low_var_kl+): clamped value, unclamped k2 gradient
+    "k3_straight_through_clamp": dict(kl_kind="low_var_kl+", kl_coef=0.3, kl_clamp=0.05),
     "ref_but_no_coef": dict(kl_kind="k3", kl_coef=0.0),
     "entropy_coef": dict(entropy_coef=0.05),
     "seq-mean-token-sum": dict(agg="seq-mean-token-sum"),
@@ -524,12 +526,12 @@ def test_kl_codes_cover_the_reference_names():
     assert set(_terms.KL_CODES) == set(reference.KL_KINDS)
     for name, canonical in reference.KL_KINDS.items():
         assert _terms.KL_CODES[name] == _terms.KL_CODES[canonical]
-    assert len({_terms.KL_CODES[c] for c in set(reference.KL_KINDS.values())} | {_terms.KL_NONE}) == 5
+    assert len({_terms.KL_CODES[c] for c in set(reference.KL_KINDS.values())} | {_terms.KL_NONE}) == 8
     assert pfl_kernels.KL_CODES is _terms.KL_CODES
 
 
 @pytest.mark.parametrize("dual_clip", [None, 1.7])
-@pytest.mark.parametrize("kind", [None, "k1", "k2", "k3", "abs", "low_var_kl"])
+@pytest.mark.parametrize("kind", [None, "k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+"])
 def test_shared_terms_match_reference(kind, dual_clip):
     """ppo_clip_term / kl_term against the reference per-token terms and autograd derivatives."""
     gen = torch.Generator().manual_seed(31)

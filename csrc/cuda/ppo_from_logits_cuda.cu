@@ -69,6 +69,9 @@ constexpr int64_t kMaxSliceBytes = 192 * 1024;
 
 // KL estimator codes: the same numbering as kernels/_terms.py KL_CODES.
 [[maybe_unused]] constexpr int kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4;
+// Straight-through kinds (k1+, k3+, abs+): code = base + kKlStOffset; the base's value, k2's
+// gradient (KL_ST_OFFSET and kl_term in kernels/_terms.py).
+[[maybe_unused]] constexpr int kKlStOffset = 4, kKlMaxCode = kKlAbs + kKlStOffset;
 
 struct RowParams {
   const void* logits;
@@ -244,6 +247,7 @@ __device__ __forceinline__ float k3_series_q(float x) {
 
 // The KL estimator's value (needed only for the clamp test), as kl_term in kernels/_terms.py.
 __device__ __forceinline__ float kl_value(float diff, int kind) {
+  if (kind > kKlStOffset) kind -= kKlStOffset;  // straight-through: the base estimator's value
   switch (kind) {
     case kKlK1:
       return diff;
@@ -260,6 +264,7 @@ __device__ __forceinline__ float kl_value(float diff, int kind) {
 }
 
 __device__ __forceinline__ float kl_dlogp(float diff, int kind) {
+  if (kind > kKlStOffset) return diff;  // straight-through: k2's derivative
   switch (kind) {
     case kKlK1:
       return 1.f;
@@ -451,8 +456,9 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
       const float diff = logp - p.ref_logprobs[row];
       float d_kl = kl_dlogp(diff, p.kl_kind);
       // torch.clamp's derivative (kernels/_terms.py clamp_kl): 0 where the KL lies outside
-      // [-kl_clamp, kl_clamp] (verl's low_var_kl clamp), kept where it is NaN-free and inside.
-      if (p.has_kl_clamp) {
+      // [-kl_clamp, kl_clamp] (verl's low_var_kl clamp), kept where it is NaN-free and inside;
+      // the straight-through kinds clamp only the value, never their k2 gradient.
+      if (p.has_kl_clamp && p.kl_kind <= kKlStOffset) {
         const float kl = kl_value(diff, p.kl_kind);
         if (!(kl >= -p.kl_clamp && kl <= p.kl_clamp)) d_kl = 0.f;
       }
@@ -643,7 +649,8 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
   TORCH_CHECK(logits.stride(2) == 1 && grad.stride(2) == 1, op, ": logits and grad need last stride 1");
   TORCH_CHECK(aligned16(logits) && aligned16(grad), op,
               ": logits and grad rows must be 16-byte aligned (base pointer, row strides, V * element size)");
-  TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKlAbs, op, ": kl_kind must be a code 0..4, got ", kl_kind);
+  TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKlMaxCode && kl_kind != kKlK2 + kKlStOffset, op,
+              ": kl_kind must be a code 0..5, 7 or 8, got ", kl_kind);
   TORCH_CHECK(kl_kind == kKlNone || ref_logprobs.has_value(), op, ": kl_kind != 0 needs ref_logprobs");
   TORCH_CHECK(cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8, op, ": cluster must be 1, 2, 4 or 8, got ",
               cluster);
