@@ -10,6 +10,8 @@
 #                                     # python -m rlhf_fast.bench at the ANCHORS.md sizes, in two calls
 #                                     # so each stays under the 10-minute limit of one device command
 #   bash bench/gpu_session.sh suites  # the pytest-benchmark suites (--benchmark-json in $OUT)
+#   bash bench/gpu_session.sh tune    # bench/tune_gpu.py: row width / warps, cluster size and the
+#                                     # per-token PPO tile, each timed and checked (tune.json in $OUT)
 # If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
 # run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after.
 # Each stage after `build` reinstalls into /tmp when the machine is fresh (a ~1.5 min sm_90 build).
@@ -110,9 +112,17 @@ suites() {
     | tee "$OUT/pytest-bench.log" | tail -60
 }
 
+tune() {
+  install_if_fresh || return 1
+  # From /tmp so the installed package (with its _C) is imported, not the source tree.
+  (cd /tmp && timeout -k 15 $((570 - SECONDS)) python3 "$OLDPWD/bench/tune_gpu.py" --out "$OUT" 2>&1) \
+    | tee "$OUT/tune.log" | tail -60
+}
+
 case "$stage" in
   build) build_and_test ;;
   report) report "${2:-}" ;;
   suites) suites ;;
-  *) echo "usage: $0 build | report [OPS] | suites" >&2; exit 2 ;;
+  tune) tune ;;
+  *) echo "usage: $0 build | report [OPS] | suites | tune" >&2; exit 2 ;;
 esac

@@ -17,7 +17,8 @@ KL estimators (`KL_KIND` is a constexpr code from `KL_CODES`; `diff = logp - ref
     clamp_kl(kl, dkl, c, KL_KIND)   -> torch.clamp(kl, -c, c) and its derivative (0 outside;
                                        the straight-through kinds keep k2's derivative)
     `KL_CODES` maps every name accepted by the public API (rlhf_fast.reference.KL_KINDS: k1, k2,
-    k3, abs and the aliases kl, mse, low_var_kl) to its code; launchers pass
+    k3, abs, k1+, k3+, abs+ and the aliases kl, mse, low_var_kl, kl+, low_var_kl+, k2+, mse+) to
+    its code; launchers pass
     `KL_CODES[kind]` as the constexpr (or KL_NONE when no KL term is wanted).
 
 PPO clipped surrogate (ONE convention for the clip arguments: eps_low / eps_high, the distances
@@ -137,15 +138,17 @@ def _kl_base_term(diff, KL_KIND: tl.constexpr):
 
 @triton.jit
 def clamp_kl(kl, d_kl, clamp_val, KL_KIND: tl.constexpr):
-    """torch.clamp(kl, -clamp_val, clamp_val) and its derivative (d_kl where the unclamped value
-    lies in [-clamp_val, clamp_val], else 0, as torch.clamp's backward). NaN stays NaN. The
+    """torch.clamp(kl, -clamp_val, clamp_val) and its derivative: d_kl inside [-clamp_val,
+    clamp_val], 0 outside; where kl is NaN, 0 * d_kl, as the chain rule through torch.clamp's
+    backward gives (NaN when d_kl is NaN, e.g. k2 / k3; 0 for k1). NaN values stay NaN. The
     straight-through kinds clamp the value only: their gradient is k2's, never clamped (verl)."""
     inside = (kl >= -clamp_val) & (kl <= clamp_val)
+    d_outside = tl.where(kl != kl, d_kl * 0.0, 0.0)  # noqa: PLR0124 (the NaN test)
     # NaN-propagating min/max: the defaults would map a NaN KL to -clamp_val.
     kl = tl.minimum(tl.maximum(kl, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
     if KL_KIND > 4:
         return kl, d_kl
-    return kl, tl.where(inside, d_kl, 0.0)
+    return kl, tl.where(inside, d_kl, d_outside)
 
 
 @triton.jit

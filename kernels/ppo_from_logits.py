@@ -294,9 +294,17 @@ def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
 
     C = load_C()
     query = getattr(C, "ppo_rows_cluster_size", None)  # None: no extension, or one built before it
-    if query is None or not C.with_cuda():
+    if query is None or not C.with_cuda() or not _rows_op_is_current():
         return 0
     return int(query(V, elem_size, device_index))
+
+
+def _rows_op_is_current() -> bool:
+    """The extension's rlhf_fast::ppo_from_logits_rows takes the arguments this launcher passes
+    (an extension built from older sources, without kl_clamp, would fail at the call: the Triton
+    rows run instead)."""
+    op = getattr(torch.ops.rlhf_fast, "ppo_from_logits_rows", None)
+    return op is not None and any(a.name == "kl_clamp" for a in op.default._schema.arguments)
 
 
 def cluster_blocks_on_device(device_index: int | None = None, V: int = 128256, elem_size: int = 2) -> int:
@@ -393,9 +401,10 @@ def ppo_from_logits_fwd(
     tokens, 0 elsewhere) for the masked-mean stats. grad_out [B, T, V] in the logits' dtype, last
     stride 1 (may be `logits` itself: each element is read before it is overwritten, by the same
     program), or None: no gradient, the second pass is skipped (1 read of the logits in all).
-    kl_kind is a name or alias in KL_CODES (k1|k2|k3|abs, kl|mse|low_var_kl), used only when
-    ref_logprobs is given and kl_coef != 0; kl_clamp (or None) clamps the per-token KL to
-    [-kl_clamp, kl_clamp] (torch.clamp, gradient 0 outside). eps_low / eps_high are clip widths (ratio bounds
+    kl_kind is a name or alias in KL_CODES (k1|k2|k3|abs|k1+|k3+|abs+ and aliases), used only
+    when ref_logprobs is given and kl_coef != 0; kl_clamp (or None) clamps the per-token KL to
+    [-kl_clamp, kl_clamp] (torch.clamp: gradient 0 outside, except for the straight-through
+    kinds, whose k2 gradient is never clamped). eps_low / eps_high are clip widths (ratio bounds
     1 - eps_low, 1 + eps_high). Returns (loss 0-d fp32, logp [B, T] fp32, entropy [B, T] fp32,
     stats [N_STATS] fp32 in STAT_NAMES order).
     """

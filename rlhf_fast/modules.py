@@ -10,9 +10,9 @@ class PPOLoss(nn.Module):
     """PPO / GRPO actor loss straight from logits (`rlhf_fast.ppo_loss_from_logits`).
 
     Hyper-parameters (defaults as the functional op): clip_eps=0.2, clip_eps_high=None (=clip_eps),
-    dual_clip=None, kl_coef=0.0, kl_kind="k3", kl_clamp=None, entropy_coef=0.0, agg="token-mean", horizon=None,
+    dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, agg="token-mean", horizon=None,
     temperature=1.0, ignore_index=-100, inplace_backward=False (the gradient overwrites the
-    logits' storage), backend=None.
+    logits' storage), backend=None, kl_clamp=None.
 
     forward(logits [B, T, V], labels [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
     ref_logprobs [B, T] | None) -> (loss 0-d fp32, stats dict).
@@ -25,7 +25,6 @@ class PPOLoss(nn.Module):
         dual_clip: float | None = None,
         kl_coef: float = 0.0,
         kl_kind: str = "k3",
-        kl_clamp: float | None = None,
         entropy_coef: float = 0.0,
         agg: str = "token-mean",
         horizon: int | None = None,
@@ -33,6 +32,7 @@ class PPOLoss(nn.Module):
         ignore_index: int = -100,
         inplace_backward: bool = False,
         backend: str | None = None,
+        kl_clamp: float | None = None,  # last: keeps the positional order of earlier releases
     ):
         super().__init__()
         self.kwargs = dict(

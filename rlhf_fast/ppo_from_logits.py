@@ -38,7 +38,7 @@ __all__ = ["ppo_loss_from_logits"]
 
 register_op("ppo_loss_from_logits", triton=True)
 
-_KL_KINDS = reference.KL_KINDS  # name or alias -> canonical k1 | k2 | k3 | abs
+_KL_KINDS = reference.KL_KINDS  # name or alias -> canonical k1 | k2 | k3 | abs | k1+ | k3+ | abs+
 _N_STATS = 8
 # Same order as rlhf_fast.kernels.ppo_from_logits.STAT_NAMES (not imported here: that imports triton).
 _STAT_NAMES = ("policy_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max", "kl", "dual_clipfrac")
@@ -309,7 +309,7 @@ def ppo_loss_from_logits(
     Per token (x = logits / temperature): logp = log softmax(x)[label]; H = entropy of
     softmax(x); r = exp(logp - old_logprobs); P = max(-A r, -A clip(r, 1 - clip_eps,
     1 + clip_eps_high)) and, with dual_clip = c (> 1) and A < 0, P = min(P, -c A);
-    L = P + kl_coef * kl_penalty(logp, ref_logprobs, kl_kind) - entropy_coef * H (the KL term only
+    L = P + kl_coef * kl_penalty(logp, ref_logprobs, kl_kind, clamp=kl_clamp) - entropy_coef * H (the KL term only
     when ref_logprobs is given and kl_coef != 0); loss = aggregate(L, mask, agg, horizon=horizon).
 
     Args:

@@ -237,3 +237,23 @@ def test_targets_are_judged_per_metric():
     wrong = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
     wrong.check = bench.CheckResult("fail", max_abs_err=1.0)
     assert {r[4] for r in bt.targets_rows([wrong]) if r[2] == gae} == {"CHECK FAILED"}
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the CPU dry run of the sweep; on a GPU the session script runs it")
+def test_tune_sweep_dry_run(tmp_path):
+    """bench/tune_gpu.py (the GPU session's launch-config sweep) runs end to end at tiny sizes:
+    every config launches, agrees with the default config, and lands in tune.json."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "tune_gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--small", "--out", str(tmp_path)], check=False, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    for section, n in (("rows", 12), ("cluster", 6), ("ppo_tile", 5)):
+        entries = result[section]
+        assert len(entries) == n, section
+        for e in entries:
+            assert "error" not in e, e
+            assert e["ms"] > 0 and e["max_err_vs_default"] < 1e-4, e

@@ -173,9 +173,14 @@ def test_kl_penalty_clamp_keeps_nan(kind):
     logp = torch.tensor([nan, -inf, 0.5, 0.0], device=DEVICE, requires_grad=True)
     ref = torch.tensor([0.0, -inf, nan, 0.0], device=DEVICE)
     out = rlhf_fast.kl_penalty(logp, ref, kind, clamp=10.0, backend="triton")
-    want = reference.kl_penalty(logp.detach(), ref, kind, clamp=10.0)
+    x = logp.detach().clone().requires_grad_(True)
+    want = reference.kl_penalty(x, ref, kind, clamp=10.0)
     assert want[:3].isnan().all()
     torch.testing.assert_close(out, want, equal_nan=True)
+    # and the gradient (chain rule through torch.clamp: 0 * NaN = NaN where the KL is NaN)
+    (g,) = torch.autograd.grad(out.sum(), logp)
+    (want_g,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g, want_g, equal_nan=True)
 
 
 def test_kl_penalty_opcheck_and_compile():

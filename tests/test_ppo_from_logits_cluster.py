@@ -108,6 +108,8 @@ def test_extension_exposes_the_op_and_the_size_query():
     if C is None:
         pytest.skip("rlhf_fast._C is not built")
     assert hasattr(torch.ops.rlhf_fast, "ppo_from_logits_rows")
+    # The built op takes what the launcher passes (a stale build would make dispatch skip it).
+    assert pfl_kernels._rows_op_is_current(), "rlhf_fast._C is older than csrc/ops.cpp: rebuild it"
     if not C.with_cuda():
         assert C.ppo_rows_cluster_size(128256, 2, 0) == 0
 

@@ -159,7 +159,8 @@ struct Vec<float> {
 
 // ---------------------------------------------------------------------------------------------
 // Softmax statistics (m, s, t): m = max x, s = sum exp(x - m), t = sum exp(x - m) (x - m).
-// An empty set (nothing read, or only -inf) is (-inf, 0, 0); merging never computes -inf - -inf.
+// An empty set (nothing read, or only -inf) is (-inf, 0, 0); merging never computes -inf - -inf
+// (except for an all-NaN slice, whose s is NaN: the result is NaN either way).
 // A NaN logit makes s NaN (fmaxf skips NaN in m, the sum does not); tests are "s != 0", never
 // "s > 0", so that NaN reaches lse and the row, as in the reference, and is never merged away.
 
@@ -456,11 +457,12 @@ __global__ void __launch_bounds__(kThreads, 7) ppo_rows_cluster_kernel(const Row
       const float diff = logp - p.ref_logprobs[row];
       float d_kl = kl_dlogp(diff, p.kl_kind);
       // torch.clamp's derivative (kernels/_terms.py clamp_kl): 0 where the KL lies outside
-      // [-kl_clamp, kl_clamp] (verl's low_var_kl clamp), kept where it is NaN-free and inside;
+      // [-kl_clamp, kl_clamp] (verl's low_var_kl clamp), kept inside;
       // the straight-through kinds clamp only the value, never their k2 gradient.
       if (p.has_kl_clamp && p.kl_kind <= kKlStOffset) {
         const float kl = kl_value(diff, p.kl_kind);
-        if (!(kl >= -p.kl_clamp && kl <= p.kl_clamp)) d_kl = 0.f;
+        // Outside: 0; a NaN kl: 0 * d_kl, torch's chain rule (clamp_kl in kernels/_terms.py).
+        if (!(kl >= -p.kl_clamp && kl <= p.kl_clamp)) d_kl = isnan(kl) ? d_kl * 0.f : 0.f;
       }
       g_logp += p.kl_coef * d_kl;
     }
