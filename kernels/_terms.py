@@ -72,11 +72,23 @@ __all__ = [
     "KL_NONE",
     "KL_ST_OFFSET",
     "clamp_kl",
+    "clamp_nan",
     "kl_dlogp",
     "kl_term",
     "kl_value",
     "ppo_clip_term",
 ]
+
+
+# The same offset as a compile-time constant for the @triton.jit helpers below.
+_ST_OFFSET = tl.constexpr(KL_ST_OFFSET)
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """torch.clamp(x, lo, hi): NaN stays NaN (the default tl.minimum / tl.maximum return the other
+    operand for a NaN one, which would turn a NaN loss or KL into a finite bound)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, tl.PropagateNan.ALL)
 
 
 # |diff| below which k3 and its derivative come from their Taylor series (see _k3_series).
@@ -104,8 +116,8 @@ def _k3_series(diff):
 @triton.jit
 def kl_term(diff, KL_KIND: tl.constexpr):
     """(kl, dkl/dlogp) of the estimator KL_KIND at diff = logp - ref (fp32, scalar or block)."""
-    if KL_KIND > 4:  # straight-through (k1+, k3+, abs+): the base's value, k2's derivative
-        kl, _ = _kl_base_term(diff, KL_KIND - 4)
+    if KL_KIND > _ST_OFFSET:  # straight-through (k1+, k3+, abs+): the base's value, k2's derivative
+        kl, _ = _kl_base_term(diff, KL_KIND - _ST_OFFSET)
         d_kl = diff
     else:
         kl, d_kl = _kl_base_term(diff, KL_KIND)
@@ -144,9 +156,8 @@ def clamp_kl(kl, d_kl, clamp_val, KL_KIND: tl.constexpr):
     straight-through kinds clamp the value only: their gradient is k2's, never clamped (verl)."""
     inside = (kl >= -clamp_val) & (kl <= clamp_val)
     d_outside = tl.where(kl != kl, d_kl * 0.0, 0.0)  # noqa: PLR0124 (the NaN test)
-    # NaN-propagating min/max: the defaults would map a NaN KL to -clamp_val.
-    kl = tl.minimum(tl.maximum(kl, -clamp_val, propagate_nan=tl.PropagateNan.ALL), clamp_val, tl.PropagateNan.ALL)
-    if KL_KIND > 4:
+    kl = clamp_nan(kl, -clamp_val, clamp_val)
+    if KL_KIND > _ST_OFFSET:
         return kl, d_kl
     return kl, tl.where(inside, d_kl, d_outside)
 
@@ -174,12 +185,8 @@ def ppo_clip_term(log_ratio, adv, eps_low, eps_high, dual_clip, HAS_DUAL: tl.con
     """
     ratio = tl.exp(log_ratio)
     loss_plain = -adv * ratio
-    # NaN-propagating min/max (torch.maximum's semantics): the default tl.maximum / tl.minimum
-    # return the other operand for a NaN one, which would turn a NaN ratio into a finite loss.
-    ratio_clipped = tl.minimum(
-        tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high, tl.PropagateNan.ALL
-    )
-    loss_clipped = -adv * ratio_clipped
+    # NaN-propagating clamp and max (torch's semantics): a NaN ratio gives a NaN loss.
+    loss_clipped = -adv * clamp_nan(ratio, 1.0 - eps_low, 1.0 + eps_high)
     clipped = loss_clipped > loss_plain
     loss = tl.maximum(loss_plain, loss_clipped, propagate_nan=tl.PropagateNan.ALL)
     d_loss = tl.where(clipped, 0.0, loss_plain)  # d(-A r)/dlogp = -A r

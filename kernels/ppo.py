@@ -63,7 +63,7 @@ import triton.language as tl
 
 from rlhf_fast._backend import kernel_mask
 
-from ._terms import ppo_clip_term
+from ._terms import clamp_nan, ppo_clip_term
 from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
 
 AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
@@ -223,9 +223,7 @@ def _mask_row_scales_kernel(
 def _value_clip_term(v, v_old, ret, clip_eps):
     """(L, dL/dv, clipped) of the clipped value loss (fp32, any shape)."""
     # NaN-propagating (torch.clamp / torch.maximum semantics): a NaN v must give a NaN loss.
-    v_clipped = tl.maximum(
-        tl.minimum(v, v_old + clip_eps, propagate_nan=tl.PropagateNan.ALL), v_old - clip_eps, tl.PropagateNan.ALL
-    )
+    v_clipped = clamp_nan(v, v_old - clip_eps, v_old + clip_eps)
     err = v - ret
     err_clipped = v_clipped - ret
     sq = err * err
