@@ -443,6 +443,10 @@ def ppo_from_logits_fwd(
         stats.zero_()
         return loss, logp.view(B, T), ent.view(B, T), stats
 
+    # The per-token terms' scalars and switches, the same for the row kernel and the stats kernel
+    # (their signatures end alike): one tuple, so the two can never be passed different values.
+    term_args = (eps_low, eps_high, dual, kl_coef, kl_clamp, entropy_coef)
+    term_flags = {"HAS_DUAL": has_dual, "KL_KIND": kl_code, "HAS_KL_CLAMP": has_kl_clamp}
     cluster = cluster_size(logits, grad_out if write_grad else None)
     if cluster:
         torch.ops.rlhf_fast.ppo_from_logits_rows(
@@ -488,15 +492,8 @@ def ppo_from_logits_fwd(
             V,
             inv_t,
             int(ignore_index),
-            eps_low,
-            eps_high,
-            dual,
-            kl_coef,
-            kl_clamp,
-            entropy_coef,
-            HAS_DUAL=has_dual,
-            KL_KIND=kl_code,
-            HAS_KL_CLAMP=has_kl_clamp,
+            *term_args,
+            **term_flags,
             WRITE_GRAD=write_grad,
             BLOCK_V=block_v,
             num_warps=num_warps,
@@ -512,15 +509,8 @@ def ppo_from_logits_fwd(
         loss,
         stats,
         N,
-        eps_low,
-        eps_high,
-        dual,
-        kl_coef,
-        kl_clamp,
-        entropy_coef,
-        HAS_DUAL=has_dual,
-        KL_KIND=kl_code,
-        HAS_KL_CLAMP=has_kl_clamp,
+        *term_args,
+        **term_flags,
         BLOCK=1024,
         num_warps=8,
     )
