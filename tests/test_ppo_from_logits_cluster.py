@@ -59,6 +59,19 @@ def run(logits, labels, old, adv, mask, *, inplace=False, grad_scale=1.0, **kw):
     return loss.detach(), {k: v.detach() for k, v in stats.items()}, x.grad
 
 
+def force_cluster(monkeypatch, cluster: str, logits):
+    """RLHF_FAST_PPO_CLUSTER=cluster for this test, and check that this size is the one that runs."""
+    monkeypatch.setenv(ENV, cluster)
+    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
+
+
+def check_kl_entropy_run(logits, labels, old, adv, mask, ref):
+    """The kernel with a k3 KL and an entropy bonus against the reference, bf16 tolerances."""
+    kw = {"ref_logprobs": ref, "kl_coef": 0.1, "entropy_coef": 0.01}
+    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
+              torch.bfloat16)
+
+
 def reference_run(logits, labels, old, adv, mask, *, grad_scale=1.0, **kw):
     xr = logits.detach().float().clone().requires_grad_(True)
     loss_r, stats_r = expected_from_pieces(xr, labels, old, adv, mask, **kw)
@@ -162,11 +175,8 @@ def test_every_option(name, dtype):
 @pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
 def test_forced_cluster_sizes(cluster, monkeypatch):
     logits, labels, old, adv, mask, ref = make_inputs(2, 3, 16000, torch.bfloat16)
-    monkeypatch.setenv(ENV, cluster)
-    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
-    kw = {"ref_logprobs": ref, "kl_coef": 0.1, "entropy_coef": 0.01}
-    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
-              torch.bfloat16)
+    force_cluster(monkeypatch, cluster, logits)
+    check_kl_entropy_run(logits, labels, old, adv, mask, ref)
 
 
 @pytest.mark.gpu
@@ -183,11 +193,8 @@ def test_forced_cluster_sizes(cluster, monkeypatch):
 def test_ragged_and_empty_slices(V, cluster, monkeypatch):
     logits, labels, old, adv, mask, ref = make_inputs(2, 3, V, torch.bfloat16)
     labels[1, 0] = V - 1  # the label in the last, shorter slice
-    monkeypatch.setenv(ENV, cluster)
-    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
-    kw = {"ref_logprobs": ref, "kl_coef": 0.1, "entropy_coef": 0.01}
-    check_all(run(logits, labels, old, adv, mask, **kw), reference_run(logits, labels, old, adv, mask, **kw),
-              torch.bfloat16)
+    force_cluster(monkeypatch, cluster, logits)
+    check_kl_entropy_run(logits, labels, old, adv, mask, ref)
 
 
 @pytest.mark.gpu
@@ -252,8 +259,7 @@ def test_nan_logits_give_nan_rows_for_every_cluster_size(cluster, monkeypatch):
     logits[0, 3, V - 10] = float("nan")  # in the last slice
     logits[1, 0, : V // 8] = float("nan")  # the whole first slice (cluster 8)
     mask[1, 0] = 1
-    monkeypatch.setenv(ENV, cluster)
-    assert pfl_kernels.cluster_size(logits, logits) == int(cluster)
+    force_cluster(monkeypatch, cluster, logits)
     loss, stats, grad = run(logits, labels, old, adv, mask, entropy_coef=0.05)
     bad = torch.zeros(2, 4, dtype=torch.bool, device="cuda")
     bad[0, 3] = bad[1, 0] = True
