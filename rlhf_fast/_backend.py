@@ -85,8 +85,14 @@ def cpp_has_kernel(cpp_name: str, device_type: str) -> bool:
     return cpp_name in _C_state["kernels"][key]
 
 
+# Looked up once, at import (finding the spec does not import triton): torch.compile traces
+# resolve(), and Dynamo in torch <= 2.11 refuses to trace importlib.util.find_spec (a graph break,
+# so fullgraph=True failed there).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def triton_interpreting() -> bool:

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from rlhf_fast import reference
 from rlhf_fast._backend import (
@@ -221,13 +222,21 @@ def _setup_context(ctx, inputs, output):
     ctx.grad_consumed = False
 
 
+def _traced_backward(saved: Tensor) -> bool:
+    """Whether this backward is being traced (torch.compile's AOTAutograd, opcheck) rather than
+    run. AOTAutograd traces the backward outside Dynamo, where torch <= 2.11's
+    torch.compiler.is_compiling() is False; the saved tensors are fake then (FunctionalTensors
+    over FakeTensors), which no eager backward sees."""
+    return torch.compiler.is_compiling() or is_fake(saved)
+
+
 def _backward(ctx, grad_loss, *unused_grads):
     # Only the logits get a gradient: old_logprobs, advantages, weights, mask and ref_logprobs are
     # targets (detached), the floats are hyper-parameters.
     no_input_grads = (None,) * 16
     if not ctx.write_grad:  # the logits did not require grad
         return (None,) + no_input_grads
-    if torch.compiler.is_compiling():
+    if _traced_backward(ctx.saved_tensors[0]):
         (grad,) = ctx.saved_tensors
         # Under torch.compile the in-place scale op costs more than a plain multiply: `grad` is a
         # saved intermediate (a backward-graph input that no caller sees), so functionalization
