@@ -100,14 +100,18 @@ report() {
   install_if_fresh || return 1
   local ops=${1:-}
   local tag=${ops:+-$(echo "$ops" | tr ',+' '__' | cut -c1-40)}
-  (cd /tmp && python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) | tee "$OUT/bench$tag.log" | tail -60
+  # Bounded by the device command's 10 minutes: on SIGINT the bench stops after the case in
+  # progress and still prints and writes what it has (it also rewrites its JSON after each case).
+  (cd /tmp && timeout -s INT -k 30 $((560 - SECONDS)) python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
+    | tee "$OUT/bench$tag.log" | tail -60
 }
 
 suites() {
   install_if_fresh || return 1
   # From a copy away from the source tree, so the installed package (with its _C) is the one imported.
   rm -rf /tmp/rlhf_bench && mkdir -p /tmp/rlhf_bench && cp -r bench /tmp/rlhf_bench/
-  (cd /tmp/rlhf_bench && python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+  # SIGINT before the 10 minutes are up: pytest-benchmark still writes the rounds it has.
+  (cd /tmp/rlhf_bench && timeout -s INT -k 30 $((560 - SECONDS)) python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/pytest-benchmark.json" --benchmark-columns=min,median,max --benchmark-sort=name 2>&1) \
     | tee "$OUT/pytest-bench.log" | tail -60
 }

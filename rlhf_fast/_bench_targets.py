@@ -8,7 +8,8 @@ rlhf_fast's row:
     "ratio"       rlhf_fast time / the time of case `versus` (same shape, mode, dtype) <= bound
     "extra_gb"    peak memory above the inputs <= bound GB
 The verdict is "met", "MISSED", "CHECK FAILED" (rlhf_fast's output did not match the reference:
-no speed counts then), "error" (rlhf_fast raised), or "not run" (the case is not in this run: a
+no speed counts then), "error" (rlhf_fast raised), "harness error" (building or running the case
+broke before rlhf_fast had a result), or "not run" (the case is not in this run: a
 CPU run or --ops). Running out of memory is "MISSED". The bounds hold on an H100: on another GPU the table is printed with that
 device's name, for orientation only.
 """
@@ -96,6 +97,8 @@ def judge(target: Target, by_case: dict) -> tuple[str, str]:
     result = by_case.get(_key(target.op, target.shape, target.mode, target.dtype))
     if result is None:
         return "-", "not run"
+    if result.harness_error:
+        return "-", "harness error"
     if result.check.status in ("fail", "error"):
         return "-", "CHECK FAILED"
     status = result.peers["rlhf_fast"].status if "rlhf_fast" in result.peers else "n/a"

@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -116,11 +117,13 @@ class CaseResult:
     check: CheckResult = dataclasses.field(default_factory=lambda: CheckResult("not run"))
     kernel_check: CheckResult | None = None  # CPU: the Triton kernel under the interpreter
     notes: list = dataclasses.field(default_factory=list)
+    harness_error: str = ""  # the case itself raised (inputs, harness): no rlhf_fast result at all
 
     @property
     def failed(self) -> bool:
         return (
-            self.check.status in ("fail", "error")
+            bool(self.harness_error)
+            or self.check.status in ("fail", "error")
             or (self.kernel_check is not None and self.kernel_check.status in ("fail", "error"))
             or self.peers.get("rlhf_fast", PeerResult("n/a")).status == "error"
         )
@@ -131,8 +134,15 @@ class CaseResult:
 
 
 class Timer:
-    """Median wall time of fn() in ms. CUDA: events around each rep, L2 flushed (a 256 MB buffer
-    zeroed) before each; CPU: perf_counter. Reps are cut to fit budget_s per measurement."""
+    """Median time of fn() in ms. CUDA: events around each rep, L2 flushed before each by reading
+    a 256 MB buffer (a read, not a zero_: zeroing would leave ~50 MB of dirty lines in L2 whose
+    write-back the timed op would then pay for, ~17 us at 3 TB/s); for a call shorter than
+    QUEUE_BELOW_S the GPU is first held by a spin kernel long enough for the host to queue every
+    rep, so the events time the GPU work, not the host's launch overhead (in a training step the
+    host runs ahead of the GPU too). CPU: perf_counter. Reps are cut to fit budget_s per
+    measurement."""
+
+    QUEUE_BELOW_S = 2e-3
 
     def __init__(self, device: torch.device, reps: int, warmup: int, budget_s: float):
         self.device = device
@@ -168,8 +178,11 @@ class Timer:
         if self.cuda:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            if t_est < self.QUEUE_BELOW_S:
+                # t_est (one synchronised call) bounds the host time per rep; cycles at <= 2 GHz.
+                torch.cuda._sleep(int(min(1.5 * reps * t_est, 0.25) * 2e9))
             for i in range(reps):
-                self.flush.zero_()
+                self.flush.sum()
                 starts[i].record()
                 out = fn()
                 ends[i].record()
@@ -526,6 +539,12 @@ def run_case(case: Case, args, device: torch.device, timer: Timer, bandwidth: fl
                 result.notes.append(f"{name}: {reason}")
             continue
         warmup = None
+        if fwd == "compile" and case.sweep and device.type == "cuda":
+            # Each compile is a fresh one (below), ~10-20 s on a GPU: the plots' extra sweep points
+            # go without it (the anchor sizes keep it), which keeps one report call well inside
+            # the device tool's 10-minute limit.
+            result.peers[name] = PeerResult("skipped", note="sweep point: compile timed at the anchor sizes only")
+            continue
         if fwd == "compile":
             torch._dynamo.reset()  # fresh compile per case: no cache-size limit, no dynamic-shape reuse
             fwd = torch.compile(spec.peers["compile"])
@@ -782,6 +801,7 @@ def to_json(meta: dict, bandwidth: float, bw_how: str, results: list[CaseResult]
                 "check": dataclasses.asdict(r.check),
                 "kernel_check": None if r.kernel_check is None else dataclasses.asdict(r.kernel_check),
                 "notes": r.notes,
+                "harness_error": r.harness_error,
             }
         )
     return {
@@ -1030,45 +1050,107 @@ def _run(args) -> int:
         print("torch.compile peer left out of a CPU --quick run (slow to compile); add --compile to time it")
     print(flush=True)
 
-    results = []
-    progress = _Progress(len(cases), enabled=not args.no_progress)
-    for case in cases:
-        progress.start(case.label)
-        try:
-            results.append(run_case(case, args, device, timer, bandwidth))
-        except Exception as exc:  # noqa: BLE001 - the harness or an input builder broke: report it, keep going
-            r = CaseResult(case)
-            r.check = CheckResult("error", note=_short(exc))
-            r.notes.append(f"case raised: {_short(exc)}")
-            results.append(r)
-            _free_memory(device)
-        progress.done()
-    progress.close()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Two runs with different --ops on one day must not overwrite each other's files.
+    ops_tag = "-" + "_".join(args.ops).replace("+", "_")[:60] if args.ops else ""
+    stem = out_dir / f"{meta['device_slug']}-{meta['date']}{ops_tag}"
 
-    header, rows = table_rows(results)
-    table = markdown_table(header, rows)
+    results = []
+    interrupted = ""
+    progress = _Progress(len(cases), enabled=not args.no_progress)
+    # SIGTERM (what `timeout` sends) ends the run like Ctrl-C: the cases done so far are still
+    # printed and written. The JSON and Markdown are also rewritten after every case, so even a
+    # SIGKILL leaves the finished cases on disk.
+    previous_term = _raise_interrupt_on_sigterm()
+    try:
+        for case in cases:
+            progress.start(case.label)
+            try:
+                results.append(run_case(case, args, device, timer, bandwidth))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the harness or an input builder broke: report it, keep going
+                r = CaseResult(case)
+                r.harness_error = _short(exc)
+                r.check = CheckResult("not run", note=f"harness error: {_short(exc)}")
+                r.notes.append(f"case raised (a harness error, not an rlhf_fast result): {_short(exc)}")
+                results.append(r)
+                _free_memory(device)
+            progress.done()
+            _write_report(stem, meta, bandwidth, bw_how, results, cuda, partial=f"{len(results)} of {len(cases)} cases")
+    except KeyboardInterrupt:
+        interrupted = f"interrupted after {len(results)} of {len(cases)} cases (during {cases[len(results)].label})"
+    finally:
+        _restore_sigterm(previous_term)
+        progress.close()
+
+    table, notes, targets_md, _ = _summaries(results, cuda)
     print(table)
-    notes = notes_lines(results)
+    if interrupted:
+        notes.insert(0, interrupted)
     if notes:
         print("\nnotes:")
         for n in notes:
             print(f"- {n}")
-
-    # The issues' H100 targets, judged on this run (GPU runs only: CPU sizes are not theirs).
-    targets_md = None
-    target_rows = _bench_targets.targets_rows(results) if cuda else []
     if cuda:
-        targets_md = markdown_table(_bench_targets.TARGETS_HEADER, target_rows)
         print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
         print(targets_md)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
+    written, plot_msg, failures = _write_report(
+        stem, meta, bandwidth, bw_how, results, cuda, partial=interrupted, with_plots=True
+    )
+    print()
+    if plot_msg:
+        print(plot_msg)
+    print("wrote " + ", ".join(str(p) for p in written))
+    if failures:
+        print(f"{failures} case(s) FAILED the check against the reference (or raised)")
+        return 1
+    if interrupted:
+        print(interrupted)
+        return 130
+    return 0
+
+
+def _raise_interrupt_on_sigterm():
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker thread)
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _summaries(results: list, cuda: bool):
+    """(markdown table, notes, targets markdown or None, target rows) of the results so far."""
+    header, rows = table_rows(results)
+    table = markdown_table(header, rows)
+    notes = notes_lines(results)
+    # The issues' H100 targets, judged on this run (GPU runs only: CPU sizes are not theirs).
+    target_rows = _bench_targets.targets_rows(results) if cuda else []
+    targets_md = markdown_table(_bench_targets.TARGETS_HEADER, target_rows) if cuda else None
+    return table, notes, targets_md, target_rows
+
+
+def _write_report(stem: Path, meta, bandwidth, bw_how, results, cuda, partial="", with_plots=False):
+    """Writes <stem>.json and .md (and the PNG plots with with_plots); returns (paths written,
+    plot message, number of failed cases). partial: why the run is incomplete, "" when it is not."""
+    table, notes, targets_md, target_rows = _summaries(results, cuda)
+    if partial:
+        notes.insert(0, f"partial run: {partial}")
     data = to_json(meta, bandwidth, bw_how, results)
+    if partial:
+        data["partial"] = partial
     if cuda:
         data["targets"] = [dict(zip(("issue", "target", "case", "measured", "verdict"), row)) for row in target_rows]
-    plots, plot_msg = write_plots(results, bandwidth, stem)
+    plots, plot_msg = write_plots(results, bandwidth, stem) if with_plots else ([], "")
     data["plots"] = [p.name for p in plots]
     stem.with_suffix(".json").write_text(json.dumps(_json_safe(data), indent=2) + "\n")
     md = [
@@ -1095,17 +1177,7 @@ def _run(args) -> int:
     if plots:
         md += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-
-    failures = data["failures"]
-    print()
-    if plot_msg:
-        print(plot_msg)
-    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *plots]
-    print("wrote " + ", ".join(str(p) for p in written))
-    if failures:
-        print(f"{failures} case(s) FAILED the check against the reference (or raised)")
-        return 1
-    return 0
+    return [stem.with_suffix(".json"), stem.with_suffix(".md"), *plots], plot_msg, data["failures"]
 
 
 def _interpreting() -> bool:

@@ -137,6 +137,87 @@ def test_missing_op_is_unavailable_not_a_failure(tmp_path, capsys, tiny_cases, m
     assert row["peers"]["eager"]["status"] == "ok"  # the peers still run
 
 
+def test_interrupted_run_still_prints_and_writes(tmp_path, capsys, tiny_cases, monkeypatch):
+    """Ctrl-C or SIGTERM (the device command's time limit) during a case: the finished cases are
+    printed and written, the files say the run is partial, the exit status is 130."""
+    calls = []
+
+    def interrupted_on_second_case(logits, labels, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the first case calls it twice (check, then timing)
+            raise KeyboardInterrupt
+        return ref.logprobs(logits, labels, **kwargs)
+
+    monkeypatch.setitem(bench.FAST_OVERRIDES, "logprobs", interrupted_on_second_case)
+    monkeypatch.setattr(bench.Timer, "measure", lambda self, fn, warmup=None: (fn(), (1.0, 1, 0.0))[1])
+    rc = _run(tmp_path)
+    out, _ = capsys.readouterr()
+    assert rc == 130
+    assert "interrupted after 1 of 3 cases" in out and "| logprobs" in out
+    data = _report(tmp_path)
+    assert len(data["cases"]) == 1 and data["cases"][0]["check"]["status"] == "ok"
+    assert data["partial"].startswith("interrupted after 1 of 3 cases")
+
+
+def test_case_that_raises_is_a_harness_error(tmp_path, capsys, tiny_cases, monkeypatch):
+    spec = _bench_cases.SPECS["logprobs"]
+    import dataclasses
+
+    def broken_inputs(*args):
+        raise RuntimeError("CUDA out of memory while building inputs")
+
+    monkeypatch.setitem(_bench_cases.SPECS, "logprobs", dataclasses.replace(spec, make_inputs=broken_inputs))
+    rc = _run(tmp_path)
+    out, _ = capsys.readouterr()
+    assert rc == 1 and "harness error" in out
+    data = _report(tmp_path)
+    row = next(c for c in data["cases"] if c["op"] == "logprobs")
+    assert "out of memory while building inputs" in row["harness_error"]
+    assert data["failures"] == 2  # both logprobs cases; logprobs+entropy has its own spec
+
+
+def test_cuda_timer_queues_short_calls_and_flushes_by_reading(monkeypatch):
+    """The CUDA branch of Timer.measure, on fakes of torch.cuda's events, sleep and sync: a short
+    call gets the GPU held by a spin kernel so the host queues every rep; L2 is flushed by a read
+    before each rep; the median of the event intervals comes back."""
+    log = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            FakeEvent.count += 1
+            self.t = FakeEvent.count
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return 0.05 * (end.t - self.t)
+
+    class Flush(torch.Tensor):
+        def sum(self, *args, **kwargs):
+            log.append("flush-read")
+            return super().sum(*args, **kwargs)
+
+        def zero_(self):
+            raise AssertionError("a zero_ flush leaves dirty lines in L2")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
+    timer = bench.Timer(torch.device("cpu"), reps=4, warmup=2, budget_s=1.0)
+    timer.cuda = True
+    timer.flush = torch.zeros(16, dtype=torch.int32).as_subclass(Flush)
+    ms, reps, _ = timer.measure(lambda: log.append("call"))
+    assert reps == 4 and ms == pytest.approx(0.05)
+    first_sleep = next(i for i, e in enumerate(log) if isinstance(e, tuple))
+    assert 0 < log[first_sleep][1] <= 0.25 * 2e9
+    timed = log[first_sleep + 1 :]
+    assert timed == ["flush-read", "record", "call", "record"] * 4
+
+
 def test_compare_flags_nan_and_tolerance():
     want = torch.tensor([1.0, -2.0, 3.0])
     assert bench.compare("x", want.clone(), want, torch.float32)["ok"]
@@ -237,6 +318,9 @@ def test_targets_are_judged_per_metric():
     wrong = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
     wrong.check = bench.CheckResult("fail", max_abs_err=1.0)
     assert {r[4] for r in bt.targets_rows([wrong]) if r[2] == gae} == {"CHECK FAILED"}
+    harness = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
+    harness.harness_error = "CUDA out of memory while building inputs"
+    assert {r[4] for r in bt.targets_rows([harness]) if r[2] == gae} == {"harness error"}
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the CPU dry run of the sweep; on a GPU the session script runs it")
