@@ -172,6 +172,18 @@ def _liger_ce_logprobs():
     return forward
 
 
+def _rlhf_inplace_logprobs():
+    # rlhf_fast.logprobs with inplace_backward=True: the backward writes the gradient into the
+    # logits' own storage (the issue's "no gradient buffer" target reads this column's memory).
+    # Listed after every other peer: it overwrites inp["logits"] (the work done stays the same).
+    import rlhf_fast
+
+    def forward(inp):
+        return (rlhf_fast.logprobs(inp["logits"], inp["labels"], inplace_backward=True),)
+
+    return forward
+
+
 def _logprobs_bytes(shape, dtype, mode, with_entropy=False):
     N, V = shape
     es = torch.tensor([], dtype=dtype).element_size()
@@ -613,10 +625,13 @@ _add(
         output_names=("logp",),
         bytes_moved=lambda s, d, m: _logprobs_bytes(s, d, m),
         peers={"eager": _eager_logprobs, "compile": _gather_minus_lse},
-        gpu_peers={"liger": _liger_ce_logprobs},
+        gpu_peers={"liger": _liger_ce_logprobs, "inplace": _rlhf_inplace_logprobs},
         subset=_logprobs_subset,
         notes="eager: log_softmax(x.float()).gather; compile: torch.compile(gather - logsumexp); "
-        "liger: LigerCrossEntropyLoss(reduction='none'), negated",
+        "liger: LigerCrossEntropyLoss(reduction='none'), negated (with a per-token upstream gradient "
+        "Liger 0.8.5 builds an fp32 [N, V] buffer in its backward: more time and memory than in "
+        "ANCHORS.md, whose runs back-propagated a sum); rlhf_fast inplace_backward: the gradient "
+        "written into the logits' storage",
     )
 )
 _add(

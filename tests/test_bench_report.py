@@ -272,6 +272,30 @@ def _result(op, shape, mode, dtype, ms, floor_ms=None, extra_gb=None):
     return r
 
 
+def _verdict(bt, results, text):
+    (verdict,) = {r[4] for r in bt.targets_rows(results) if r[1] == text}
+    return verdict
+
+
+@pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(), reason="needs the Triton kernels")
+def test_inplace_backward_peer_gives_the_reference_gradient(monkeypatch):
+    """The report's "rlhf_fast inplace_backward" column runs the Triton kernels with the gradient
+    written into the logits' storage, through the same make_step the report times."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    spec = _bench_cases.SPECS["logprobs"]
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inp = spec.make_inputs((6, 1271), torch.float32, dev, torch.Generator(device=dev).manual_seed(3))
+    x = inp["logits"].clone().requires_grad_(True)
+    want = ref.logprobs(x, inp["labels"])
+    (want_grad,) = torch.autograd.grad(want, x, inp["grad_logp"])
+    leaves = dict(inp, logits=inp["logits"].detach().requires_grad_(True))
+    storage = leaves["logits"].data_ptr()
+    (logp,), (grad,) = bench.make_step(spec, spec.gpu_peers["inplace"](), leaves, "fwd+bwd")()
+    torch.testing.assert_close(logp, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
+    assert grad.data_ptr() == storage  # in the logits' own storage
+
+
 def test_every_target_reads_a_case_of_the_gpu_run():
     from rlhf_fast import _bench_targets
 
@@ -318,6 +342,19 @@ def test_targets_are_judged_per_metric():
     wrong = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
     wrong.check = bench.CheckResult("fail", max_abs_err=1.0)
     assert {r[4] for r in bt.targets_rows([wrong]) if r[2] == gae} == {"CHECK FAILED"}
+    # Memory targets read from a named column: rlhf_fast's forward, and the inplace_backward peer.
+    on = "log-probs forward extra memory O(N)"
+    inplace = "log-probs fwd+bwd, inplace_backward=True: no gradient buffer"
+    big = (16384, 128256)
+    fwd_small = _result("logprobs", big, "fwd", bf16, ms=1.5, extra_gb=0.0004)
+    fwd_big = _result("logprobs", big, "fwd", bf16, ms=1.5, extra_gb=4.2)
+    both = _result("logprobs", big, "fwd+bwd", bf16, ms=4.5, extra_gb=4.3)
+    assert _verdict(bt, [fwd_small], on) == "met" and _verdict(bt, [fwd_big], on) == "MISSED"
+    assert _verdict(bt, [both], inplace) == "not run"  # no inplace column in the run
+    both.peers["inplace"] = bench.PeerResult("ok", ms=4.4, extra_gb=0.001)
+    assert _verdict(bt, [both], inplace) == "met"
+    both.peers["inplace"] = bench.PeerResult("ok", ms=4.4, extra_gb=4.2)
+    assert _verdict(bt, [both], inplace) == "MISSED"
     harness = _result("gae", (1024, 4096), "fwd", f32, ms=0.01)
     harness.harness_error = "CUDA out of memory while building inputs"
     assert {r[4] for r in bt.targets_rows([harness]) if r[2] == gae} == {"harness error"}

@@ -223,6 +223,7 @@ def test_masking_neg_inf_and_bad_labels():
     V = 32000
     logits, labels, old, adv, mask, _ref = make_inputs(2, 4, V, torch.bfloat16)
     logits[0, 3, ::3] = -float("inf")  # a counted row with -inf entries
+    labels[0, 3] = 3 * (int(labels[0, 3]) // 3) + 1  # whose label's logit stays finite
     logits[1, 0, 100:] = -float("inf")
     labels[1, 0] = 5
     mask[1, 1] = 0  # weight-0 row: read for its log-prob, gradient zeros
