@@ -8,6 +8,7 @@ function up by name when it runs a case, so a missing op shows as "unavailable" 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -357,6 +358,8 @@ def _rlhf_triton_rows():
 
     if cluster_blocks_on_device() == 0:
         raise RuntimeError("no sm_90 cluster kernel here: rlhf_fast runs the Triton rows already")
+    if os.environ.get("RLHF_FAST_PPO_CLUSTER", "").strip() == "0":
+        raise RuntimeError("RLHF_FAST_PPO_CLUSTER=0: the rlhf_fast column is the Triton rows already")
 
     def forward(inp):
         with cluster_mode("0"):
