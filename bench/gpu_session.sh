@@ -3,28 +3,38 @@
 # Run on the device machine from the repository root (the `device` tool runs commands there);
 # results land in $OUT (or ./gpu_out when OUT is unset), ready to copy into bench/RESULTS.md.
 #
-#   bash bench/gpu_session.sh build   # wheel for sm_80 + sm_90, cuobjdump, install away from the tree,
-#                                     # the whole test suite on CUDA against the installed wheel (~6-8 min)
-#   bash bench/gpu_session.sh report logprobs,logprobs+entropy,linear_logprobs
-#   bash bench/gpu_session.sh report ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae
-#                                     # python -m rlhf_fast.bench at the ANCHORS.md sizes, in two calls
-#                                     # so each stays under the 10-minute limit of one device command
-#   bash bench/gpu_session.sh suites  # the pytest-benchmark suites (--benchmark-json in $OUT)
-#   bash bench/gpu_session.sh tune    # bench/tune_gpu.py: row width / warps, cluster size and the
-#                                     # per-token PPO tile, each timed and checked (tune.json in $OUT)
+#   bash bench/gpu_session.sh STAGE [STAGE ...]     stages run in order, all within one command's
+#                                                  10 minutes (each is bounded by what is left)
+# Stages:
+#   build             wheel for sm_80 + sm_90 (also copied to $OUT/wheel for later calls), cuobjdump,
+#                     the sm_90 cluster tests, then the whole suite on CUDA against the installed
+#                     wheel (~6-8 min)
+#   report=OPS        python -m rlhf_fast.bench at the ANCHORS.md sizes for OPS (comma-separated);
+#                     `report OPS` (two arguments) is the same
+#   report            every op (longer than one command allows: use two report=OPS calls)
+#   suites            the pytest-benchmark suites (--benchmark-json in $OUT)
+#   tune              bench/tune_gpu.py: row width / warps, cluster size and the per-token PPO tile,
+#                     each timed and checked (tune.json in $OUT)
+# Order that gets the issues' targets first (one device call per line):
+#   bash bench/gpu_session.sh build
+#   bash bench/gpu_session.sh report=ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae
+#   bash bench/gpu_session.sh report=logprobs,logprobs+entropy
+#   bash bench/gpu_session.sh report=linear_logprobs tune
+#   bash bench/gpu_session.sh suites
+# A machine given back between calls comes back bare. Calls after `build` install the wheel it
+# left in $OUT/wheel when that is carried as ./.gpu_wheel (copy the fetched files there, add
+# `/.gpu_wheel/` to .git/info/exclude and name ".gpu_wheel" in carry): seconds instead of a
+# ~1.5 min sm_90 build, as long as csrc/ and setup.py are unchanged (their hash is checked; the
+# Python files always come from the tree). Otherwise they rebuild for sm_90.
 # If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
 # run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after.
-# Each stage after `build` reinstalls into /tmp when the machine is fresh (a ~1.5 min sm_90 build).
 #
 # Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
 # (see the device tool's README: `pip download --no-deps --only-binary=:all: --python-version 3.12
 # ... -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1`, carry ".whl"); they are installed when
 # present. Both are pure-Python wheels (~0.9 MB together) whose needs, torch and triton, are in the
-# image; the APIs the report calls (LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
-# liger_kernel.transformers.grpo_loss.triton_grpo_loss, cut_cross_entropy.linear_cross_entropy)
-# were checked in those versions on 2026-11-23.
+# image; the calls the report makes to them are held to eager formulas by tests/test_bench_peers.py.
 set -uo pipefail
-stage=${1:-build}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -57,6 +67,8 @@ build_and_test() {
     2>&1 | tail -20 | tee "$OUT/build.log"
   echo "wheel build: $((SECONDS - t0)) s" | tee -a "$OUT/build.log"
   ls -la /tmp/dist | tee -a "$OUT/build.log"
+  # For the later calls (see the header): the wheel and the hash of what its _C was built from.
+  mkdir -p "$OUT/wheel" && cp /tmp/dist/*.whl "$OUT/wheel/" && csrc_hash > "$OUT/wheel/csrc.sha256"
   python3 -m pip install -q --no-deps --no-compile --target "$site" /tmp/dist/*.whl || return 1
   cuobjdump --list-elf "$site"/rlhf_fast/_C*.so | tee "$OUT/cuobjdump.txt"
   # The suite runs from a directory away from the source tree, against the installed wheel.
@@ -89,11 +101,32 @@ build_and_test() {
   cd - >/dev/null || true
 }
 
+# What the compiled extension is built from: a carried wheel is reused only while this matches.
+csrc_hash() {
+  cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1
+}
+
 install_if_fresh() {
   if [ ! -d "$site/rlhf_fast" ]; then
-    TORCH_CUDA_ARCH_LIST="9.0" python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . || return 1
+    if ls .gpu_wheel/*.whl >/dev/null 2>&1 && [ "$(cat .gpu_wheel/csrc.sha256 2>/dev/null)" = "$(csrc_hash)" ]; then
+      python3 -m pip install -q --no-deps --no-compile --target "$site" .gpu_wheel/*.whl || return 1
+      # The wheel's _C is current (same csrc/ and setup.py); the Python side comes from this tree.
+      cp rlhf_fast/*.py "$site/rlhf_fast/" && cp kernels/*.py "$site/rlhf_fast/kernels/" || return 1
+      echo "installed the carried wheel $(ls .gpu_wheel/*.whl) with this tree's Python files"
+    else
+      [ -d .gpu_wheel ] && echo "carried wheel not used: csrc/ or setup.py changed since it was built"
+      TORCH_CUDA_ARCH_LIST="9.0" python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . || return 1
+    fi
   fi
   export PYTHONPATH="$site:${PYTHONPATH:-}"
+}
+
+# seconds_left: what remains of the command's 10 minutes for one more stage (30 s kept for the
+# copy back of $OUT); 0 when under 30 s are left.
+seconds_left() {
+  local left=$((560 - SECONDS))
+  [ "$left" -lt 30 ] && left=0
+  echo "$left"
 }
 
 report() {
@@ -102,7 +135,10 @@ report() {
   local tag=${ops:+-$(echo "$ops" | tr ',+' '__' | cut -c1-40)}
   # Bounded by the device command's 10 minutes: on SIGINT the bench stops after the case in
   # progress and still prints and writes what it has (it also rewrites its JSON after each case).
-  (cd /tmp && timeout -s INT -k 30 $((560 - SECONDS)) python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
+  local left
+  left=$(seconds_left)
+  [ "$left" -eq 0 ] && { echo "no time left for report $ops ($SECONDS s used)" | tee "$OUT/bench$tag.log"; return 0; }
+  (cd /tmp && timeout -s INT -k 30 "$left" python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
     | tee "$OUT/bench$tag.log" | tail -60
 }
 
@@ -111,7 +147,10 @@ suites() {
   # From a copy away from the source tree, so the installed package (with its _C) is the one imported.
   rm -rf /tmp/rlhf_bench && mkdir -p /tmp/rlhf_bench && cp -r bench /tmp/rlhf_bench/
   # SIGINT before the 10 minutes are up: pytest-benchmark still writes the rounds it has.
-  (cd /tmp/rlhf_bench && timeout -s INT -k 30 $((560 - SECONDS)) python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+  local left
+  left=$(seconds_left)
+  [ "$left" -eq 0 ] && { echo "no time left for suites ($SECONDS s used)" | tee "$OUT/pytest-bench.log"; return 0; }
+  (cd /tmp/rlhf_bench && timeout -s INT -k 30 "$left" python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/pytest-benchmark.json" --benchmark-columns=min,median,max --benchmark-sort=name 2>&1) \
     | tee "$OUT/pytest-bench.log" | tail -60
 }
@@ -119,14 +158,36 @@ suites() {
 tune() {
   install_if_fresh || return 1
   # From /tmp so the installed package (with its _C) is imported, not the source tree.
-  (cd /tmp && timeout -k 15 $((570 - SECONDS)) python3 "$OLDPWD/bench/tune_gpu.py" --out "$OUT" 2>&1) \
+  local left repo=$PWD
+  left=$(seconds_left)
+  [ "$left" -eq 0 ] && { echo "no time left for tune ($SECONDS s used)" | tee "$OUT/tune.log"; return 0; }
+  (cd /tmp && timeout -k 15 "$left" python3 "$repo/bench/tune_gpu.py" --out "$OUT" 2>&1) \
     | tee "$OUT/tune.log" | tail -60
 }
 
-case "$stage" in
-  build) build_and_test ;;
-  report) report "${2:-}" ;;
-  suites) suites ;;
-  tune) tune ;;
-  *) echo "usage: $0 build | report [OPS] | suites | tune" >&2; exit 2 ;;
-esac
+usage() {
+  echo "usage: $0 STAGE [STAGE ...]  with STAGE one of: build, report, report=OPS, suites, tune" >&2
+  echo "       $0 report OPS" >&2
+}
+
+# The older two-argument form `report OPS`.
+if [ "${1:-}" = report ] && [ $# -eq 2 ] && [[ "$2" != *=* ]] && [[ ! "$2" =~ ^(build|report|suites|tune)$ ]]; then
+  set -- "report=$2"
+fi
+[ $# -eq 0 ] && set -- build
+for stage in "$@"; do
+  case "$stage" in
+    build|report|report=*|suites|tune) ;;
+    *) usage; exit 2 ;;
+  esac
+done
+for stage in "$@"; do
+  echo "== $stage ($SECONDS s into the command)"
+  case "$stage" in
+    build) build_and_test ;;
+    report) report "" ;;
+    report=*) report "${stage#report=}" ;;
+    suites) suites ;;
+    tune) tune ;;
+  esac
+done
