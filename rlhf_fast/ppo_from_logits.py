@@ -236,8 +236,15 @@ def _backward(ctx, grad_loss, *unused_grads):
     no_input_grads = (None,) * 16
     if not ctx.write_grad:  # the logits did not require grad
         return (None,) + no_input_grads
-    if _traced_backward(ctx.saved_tensors[0]):
-        (grad,) = ctx.saved_tensors
+    # Eager guard, checked before saved_tensors (which a second backward can no longer read: the
+    # first one scaled the saved gradient in place). Under torch.compile this Python runs once, at
+    # trace time, the flag is never set, and the compiled backward never re-reads it (a traced
+    # check would need a device flag and a host sync to raise, which backward must not do). The
+    # docstring says so: unsupported under compile.
+    if ctx.grad_consumed:
+        raise RuntimeError(_BACKWARD_TWICE)
+    (grad,) = ctx.saved_tensors
+    if _traced_backward(grad):
         # Under torch.compile the in-place scale op costs more than a plain multiply: `grad` is a
         # saved intermediate (a backward-graph input that no caller sees), so functionalization
         # turns the mutation into "clone, then mutate the clone" and inductor cannot re-inplace
@@ -250,13 +257,7 @@ def _backward(ctx, grad_loss, *unused_grads):
         # consumes the gradient): never more traffic than the copy, half of copy + scale.
         # tests/test_ppo_from_logits.py greps inductor's output code for this.
         return (grad * grad_loss,) + no_input_grads
-    # Eager guard only: under torch.compile this Python runs once, at trace time, and the compiled
-    # backward never re-reads the flag (a traced check would need a device flag and a host sync
-    # to raise, which backward must not do). The docstring says so: unsupported under compile.
-    if ctx.grad_consumed:
-        raise RuntimeError(_BACKWARD_TWICE)
     ctx.grad_consumed = True
-    (grad,) = ctx.saved_tensors
     _scale_grad_op(grad, grad_loss)
     return (grad,) + no_input_grads
 
