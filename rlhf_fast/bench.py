@@ -981,6 +981,14 @@ def parse_args(argv=None):
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); restored on exit"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / counter on stderr")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="run nothing: merge the JSON files of earlier runs (e.g. one per --ops call on a GPU) into "
+        "one report <device>-<date>.json / .md / .png in --out, targets judged over all their cases",
+    )
     args = p.parse_args(argv)
     if args.compile and args.no_compile:
         p.error("--compile and --no-compile exclude each other")
@@ -1002,7 +1010,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _merge(args) if args.merge else _run(args)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -1112,6 +1120,81 @@ def _run(args) -> int:
         print(interrupted)
         return 130
     return 0
+
+
+def _json_float(x):
+    # _json_safe wrote non-finite floats as strings.
+    return float(x) if isinstance(x, str) and x in ("inf", "-inf", "nan") else x
+
+
+def _check_from_json(d: dict) -> CheckResult:
+    return CheckResult(d["status"], _json_float(d.get("max_abs_err")), d.get("tensors", []), d.get("note", ""))
+
+
+def case_from_json(c: dict) -> CaseResult:
+    """A CaseResult back from its entry in a report's JSON (to_json's "cases")."""
+    case = Case(c["op"], tuple(c["shape"]), DTYPES[c["dtype"]], c["mode"], c.get("sweep", ""))
+    r = CaseResult(case, c["backend"], c["bytes_moved"], _json_float(c["floor_ms"]), c.get("floor_note", ""))
+    fields = {f.name for f in dataclasses.fields(PeerResult)}
+    r.peers = {
+        name: PeerResult(**{k: _json_float(v) for k, v in d.items() if k in fields}) for name, d in c["peers"].items()
+    }
+    r.check = _check_from_json(c["check"])
+    r.kernel_check = None if c.get("kernel_check") is None else _check_from_json(c["kernel_check"])
+    r.notes = list(c.get("notes", []))
+    r.harness_error = c.get("harness_error", "")
+    return r
+
+
+def _merge(args) -> int:
+    """One report from the JSON files of several runs (a GPU session runs the ops in several
+    device calls, each under its time limit). A case present in several files is taken from the
+    last. Each case keeps the floor of its own run (its copy bandwidth); the header lists them."""
+    runs = []
+    for name in args.merge:
+        path = Path(name)
+        try:
+            runs.append((path, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"--merge: cannot read {path}: {_short(exc)}", file=sys.stderr)
+            return 2
+    devices = {data["meta"]["device"] for _, data in runs}
+    if len(devices) > 1:
+        print(f"--merge: the runs are from different devices {sorted(devices)}", file=sys.stderr)
+        return 2
+    by_label = {}
+    for _, data in runs:
+        for c in data["cases"]:
+            r = case_from_json(c)
+            by_label[r.case.label] = r
+    results = list(by_label.values())
+    meta = dict(runs[0][1]["meta"])
+    meta["merged_from"] = [path.name for path, _ in runs]
+    cuda = not meta["device"].startswith("CPU")
+    # Headline bandwidth: the run holding the log-prob forward cases (the plots' y-axis), else the first.
+    lead = next(
+        (d for _, d in runs if any(c["op"] == "logprobs" and c["mode"] == "fwd" for c in d["cases"])), runs[0][1]
+    )
+    bandwidth = lead["copy_bandwidth_GBps"] * 1e9
+    per_run = ", ".join(f"{path.name}: {data['copy_bandwidth_GBps']:.0f} GB/s" for path, data in runs)
+    bw_how = f"{lead['copy_bandwidth_how']}; merged from {len(runs)} runs, each case's floor from its own ({per_run})"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
+    table, notes, targets_md, _ = _summaries(results, cuda)
+    print(table)
+    if notes:
+        print("\nnotes:")
+        for n in notes:
+            print(f"- {n}")
+    if cuda:
+        print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
+        print(targets_md)
+    written, plot_msg, failures = _write_report(stem, meta, bandwidth, bw_how, results, cuda, with_plots=True)
+    if plot_msg:
+        print(plot_msg)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if failures else 0
 
 
 def _raise_interrupt_on_sigterm():

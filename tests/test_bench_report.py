@@ -218,6 +218,41 @@ def test_cuda_timer_queues_short_calls_and_flushes_by_reading(monkeypatch):
     assert timed == ["flush-read", "record", "call", "record"] * 4
 
 
+def test_merge_of_two_runs_is_one_report(tmp_path, capsys, monkeypatch):
+    """A GPU session runs the ops in several device calls; --merge makes the one report of them
+    (every case, the targets over all of them), and a case read back equals what was written."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(
+        _bench_cases,
+        "cpu_cases",
+        lambda dtype, quick: [
+            Case("logprobs", (16, 300), dtype, "fwd"),
+            Case("gae", (4, 64), dtype, "fwd"),
+            Case("dpo_loss", (64,), dtype, "fwd+bwd"),
+        ],
+    )
+    common = ["--quick", "--no-compile", "--device", "cpu", "--reps", "1", "--threads", "1", "--no-kernel-check"]
+    assert bench.main([*common, "--ops", "logprobs", "--out", str(tmp_path / "a")]) == 0
+    assert bench.main([*common, "--ops", "gae,dpo_loss", "--out", str(tmp_path / "b")]) == 0
+    parts = [next((tmp_path / d).glob("cpu-*.json")) for d in ("a", "b")]
+    capsys.readouterr()
+    assert bench.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m")]) == 0
+    out, _ = capsys.readouterr()
+    assert "| logprobs" in out and "| gae" in out and "| dpo_loss" in out
+    merged = list((tmp_path / "m").glob("cpu-*.json"))
+    assert len(merged) == 1 and merged[0].with_suffix(".md").exists()
+    data = json.loads(merged[0].read_text())
+    assert sorted(c["op"] for c in data["cases"]) == ["dpo_loss", "gae", "logprobs"]
+    assert data["meta"]["merged_from"] == [p.name for p in parts]
+    assert "merged from 2 runs" in data["copy_bandwidth_how"]
+    # Round trip: the merged entry of a case is the entry of its run (floor and times unchanged).
+    first = {c["op"]: c for c in json.loads(parts[0].read_text())["cases"]}
+    again = {c["op"]: c for c in data["cases"]}
+    assert again["logprobs"] == first["logprobs"]
+    assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m")]) == 2
+
+
 def test_compare_flags_nan_and_tolerance():
     want = torch.tensor([1.0, -2.0, 3.0])
     assert bench.compare("x", want.clone(), want, torch.float32)["ok"]
