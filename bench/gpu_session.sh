@@ -21,6 +21,8 @@
 #   bash bench/gpu_session.sh report=logprobs,logprobs+entropy
 #   bash bench/gpu_session.sh report=linear_logprobs tune
 #   bash bench/gpu_session.sh suites
+# then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
+# (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
 # A machine given back between calls comes back bare. Calls after `build` install the wheel it
 # left in $OUT/wheel when that is carried as ./.gpu_wheel (copy the fetched files there, add
 # `/.gpu_wheel/` to .git/info/exclude and name ".gpu_wheel" in carry): seconds instead of a
