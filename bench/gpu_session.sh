@@ -15,12 +15,15 @@
 #   suites            the pytest-benchmark suites (--benchmark-json in $OUT)
 #   tune              bench/tune_gpu.py: row width / warps, cluster size and the per-token PPO tile,
 #                     each timed and checked (tune.json in $OUT)
-# Order that gets the issues' targets first (one device call per line):
-#   bash bench/gpu_session.sh build
-#   bash bench/gpu_session.sh report=ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae
-#   bash bench/gpu_session.sh report=logprobs,logprobs+entropy
-#   bash bench/gpu_session.sh report=linear_logprobs tune
-#   bash bench/gpu_session.sh suites
+# Order that gets the issues' targets first (one device call per line; estimates from a review of
+# the run, never measured): a session has 30 device-minutes, and a machine given back (30 s idle)
+# costs minutes to start again, so issue the calls back to back and read the outputs after.
+#   bash bench/gpu_session.sh build                                     # ~7 min
+#   bash bench/gpu_session.sh report=ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae report=linear_logprobs
+#                                                                       # ~6-7 min
+#   bash bench/gpu_session.sh report=logprobs,logprobs+entropy          # ~6-8 min
+#   bash bench/gpu_session.sh tune                                      # ~4 min, if time is left
+#   bash bench/gpu_session.sh suites                                    # optional: the report covers the targets
 # then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
 # (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
 # A machine given back between calls comes back bare. Calls after `build` install the wheel it
@@ -72,12 +75,13 @@ build_and_test() {
   # For the later calls (see the header): the wheel and the hash of what its _C was built from.
   mkdir -p "$OUT/wheel" && cp /tmp/dist/*.whl "$OUT/wheel/" && csrc_hash > "$OUT/wheel/csrc.sha256"
   python3 -m pip install -q --no-deps --no-compile --target "$site" /tmp/dist/*.whl || return 1
-  cuobjdump --list-elf "$site"/rlhf_fast/_C*.so | tee "$OUT/cuobjdump.txt"
+  # (Into build.log: the device tool brings back at most 8 files from $OUT.)
+  cuobjdump --list-elf "$site"/rlhf_fast/_C*.so | tee -a "$OUT/build.log"
   # The suite runs from a directory away from the source tree, against the installed wheel.
   mkdir -p /tmp/rlhf_tests && cp -r tests examples /tmp/rlhf_tests/
   cd /tmp/rlhf_tests || return 1
   export PYTHONPATH="$site:${PYTHONPATH:-}"
-  python3 -m rlhf_fast.info | tee "$OUT/info.txt"
+  python3 -m rlhf_fast.info | tee -a "$OUT/build.log"
   # The sm_90 cluster kernel first, bounded: a cluster-barrier bug would hang rather than fail.
   # If it fails or hangs, the rest of the suite runs on the Triton rows (RLHF_FAST_PPO_CLUSTER=0)
   # so one broken kernel does not hide the others' results.
@@ -100,6 +104,7 @@ build_and_test() {
   python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
   pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow"
   pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow
+  # build: device.txt, build.log, tests-cluster.log, tests.log, tests-slow.log, wheel/ (2) = 7 files
   cd - >/dev/null || true
 }
 
@@ -116,7 +121,13 @@ install_if_fresh() {
       cp rlhf_fast/*.py "$site/rlhf_fast/" && cp kernels/*.py "$site/rlhf_fast/kernels/" || return 1
       echo "installed the carried wheel $(ls .gpu_wheel/*.whl) with this tree's Python files"
     else
-      [ -d .gpu_wheel ] && echo "carried wheel not used: csrc/ or setup.py changed since it was built"
+      if [ -d .gpu_wheel ]; then
+        if ls .gpu_wheel/*.whl >/dev/null 2>&1 && [ -f .gpu_wheel/csrc.sha256 ]; then
+          echo "carried wheel not used: csrc/ or setup.py changed since it was built"
+        else
+          echo "carried wheel not used: .gpu_wheel lacks the wheel or csrc.sha256"
+        fi
+      fi
       TORCH_CUDA_ARCH_LIST="9.0" python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . || return 1
     fi
   fi
@@ -183,6 +194,19 @@ for stage in "$@"; do
     *) usage; exit 2 ;;
   esac
 done
+# The device tool brings back at most 8 files from $OUT: if the stages of one command wrote more,
+# the logs go into one archive (the JSON, Markdown, plots and the wheel stay as they are).
+pack_if_over_eight() {
+  local n
+  n=$(find "$OUT" -type f | wc -l)
+  if [ "$n" -gt 8 ]; then
+    (cd "$OUT" && tar czf logs.tar.gz $(find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.txt' \) -printf '%P\n') \
+      && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.txt' \) -delete)
+    echo "$n files in \$OUT: logs packed into logs.tar.gz, $(find "$OUT" -type f | wc -l) files now"
+  fi
+}
+trap pack_if_over_eight EXIT
+
 for stage in "$@"; do
   echo "== $stage ($SECONDS s into the command)"
   case "$stage" in

@@ -540,6 +540,9 @@ def run_case(case: Case, args, device: torch.device, timer: Timer, bandwidth: fl
                 result.notes.append(f"{name}: {reason}")
             continue
         warmup = None
+        if name == "inplace" and case.mode != "fwd+bwd":
+            result.peers[name] = PeerResult("n/a", note="no backward: the same run as rlhf_fast")
+            continue
         if fwd == "compile" and case.sweep and device.type == "cuda":
             # Each compile is a fresh one (below), ~10-20 s on a GPU: the plots' extra sweep points
             # go without it (the anchor sizes keep it), which keeps one report call well inside
@@ -1089,7 +1092,8 @@ def _run(args) -> int:
             progress.done()
             _write_report(stem, meta, bandwidth, bw_how, results, cuda, partial=f"{len(results)} of {len(cases)} cases")
     except KeyboardInterrupt:
-        interrupted = f"interrupted after {len(results)} of {len(cases)} cases (during {cases[len(results)].label})"
+        during = cases[len(results)].label if len(results) < len(cases) else "the report's writing"
+        interrupted = f"interrupted after {len(results)} of {len(cases)} cases (during {during})"
     finally:
         _restore_sigterm(previous_term)
         progress.close()
@@ -1113,6 +1117,7 @@ def _run(args) -> int:
     if plot_msg:
         print(plot_msg)
     print("wrote " + ", ".join(str(p) for p in written))
+    # Exit status: 1 when a case failed (also in an interrupted run), else 130 when interrupted.
     if failures:
         print(f"{failures} case(s) FAILED the check against the reference (or raised)")
         return 1
@@ -1155,9 +1160,11 @@ def _merge(args) -> int:
         path = Path(name)
         try:
             runs.append((path, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"--merge: cannot read {path}: {_short(exc)}", file=sys.stderr)
-            return 2
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            print(f"--merge: skipping {path}: {_short(exc)}", file=sys.stderr)
+    if not runs:
+        print("--merge: no readable report", file=sys.stderr)
+        return 2
     devices = {data["meta"]["device"] for _, data in runs}
     if len(devices) > 1:
         print(f"--merge: the runs are from different devices {sorted(devices)}", file=sys.stderr)
@@ -1170,6 +1177,12 @@ def _merge(args) -> int:
     results = list(by_label.values())
     meta = dict(runs[0][1]["meta"])
     meta["merged_from"] = [path.name for path, _ in runs]
+    partial = [f"{path.name}: {data['partial']}" for path, data in runs if data.get("partial")]
+    differ = []
+    for key in ("torch", "triton", "liger_kernel", "cut_cross_entropy", "backend", "compile", "quick", "rlhf_fast"):
+        values = {path.name: data["meta"].get(key) for path, data in runs}
+        if len(set(map(str, values.values()))) > 1:
+            differ.append(f"the merged runs differ in {key}: {values}")
     cuda = not meta["device"].startswith("CPU")
     # Headline bandwidth: the run holding the log-prob forward cases (the plots' y-axis), else the first.
     lead = next(
@@ -1183,6 +1196,7 @@ def _merge(args) -> int:
     stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
     table, notes, targets_md, _ = _summaries(results, cuda)
     print(table)
+    notes = [f"partial run: {p}" for p in partial] + differ + notes
     if notes:
         print("\nnotes:")
         for n in notes:
@@ -1190,11 +1204,20 @@ def _merge(args) -> int:
     if cuda:
         print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
         print(targets_md)
-    written, plot_msg, failures = _write_report(stem, meta, bandwidth, bw_how, results, cuda, with_plots=True)
+    written, plot_msg, failures = _write_report(
+        stem, meta, bandwidth, bw_how, results, cuda, partial="; ".join(partial), with_plots=True, extra_notes=differ
+    )
     if plot_msg:
         print(plot_msg)
     print("wrote " + ", ".join(str(p) for p in written))
     return 1 if failures else 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a run killed mid-write leaves the previous complete file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _raise_interrupt_on_sigterm():
@@ -1223,20 +1246,24 @@ def _summaries(results: list, cuda: bool):
     return table, notes, targets_md, target_rows
 
 
-def _write_report(stem: Path, meta, bandwidth, bw_how, results, cuda, partial="", with_plots=False):
+def _write_report(stem: Path, meta, bandwidth, bw_how, results, cuda, partial="", with_plots=False, extra_notes=()):
     """Writes <stem>.json and .md (and the PNG plots with with_plots); returns (paths written,
-    plot message, number of failed cases). partial: why the run is incomplete, "" when it is not."""
+    plot message, number of failed cases). partial: why the run is incomplete, "" when it is not;
+    extra_notes: lines put first in the Notes (and in the JSON's "notes")."""
     table, notes, targets_md, target_rows = _summaries(results, cuda)
+    notes = list(extra_notes) + notes
     if partial:
         notes.insert(0, f"partial run: {partial}")
     data = to_json(meta, bandwidth, bw_how, results)
     if partial:
         data["partial"] = partial
+    if extra_notes:
+        data["notes"] = list(extra_notes)
     if cuda:
         data["targets"] = [dict(zip(("issue", "target", "case", "measured", "verdict"), row)) for row in target_rows]
     plots, plot_msg = write_plots(results, bandwidth, stem) if with_plots else ([], "")
     data["plots"] = [p.name for p in plots]
-    stem.with_suffix(".json").write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    _write_atomic(stem.with_suffix(".json"), json.dumps(_json_safe(data), indent=2) + "\n")
     md = [
         "# rlhf_fast benchmark",
         "",
@@ -1260,7 +1287,7 @@ def _write_report(stem: Path, meta, bandwidth, bw_how, results, cuda, partial=""
         md += ["", "## Notes", "", *[f"- {n}" for n in notes], *spec_notes]
     if plots:
         md += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    _write_atomic(stem.with_suffix(".md"), "\n".join(md) + "\n")
     return [stem.with_suffix(".json"), stem.with_suffix(".md"), *plots], plot_msg, data["failures"]
 
 

@@ -252,6 +252,24 @@ def test_merge_of_two_runs_is_one_report(tmp_path, capsys, monkeypatch):
     assert again["logprobs"] == first["logprobs"]
     assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m")]) == 2
 
+    # A run cut short and a run with other versions are merged and said so; an unreadable file
+    # (a run killed mid-write before the writes were atomic, say) is skipped.
+    b = json.loads(parts[1].read_text())
+    b["partial"] = "interrupted after 1 of 2 cases"
+    b["meta"]["triton"] = "0.0-other"
+    parts[1].write_text(json.dumps(b))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"meta": ')
+    capsys.readouterr()
+    assert bench.main(["--merge", *map(str, parts), str(broken), "--out", str(tmp_path / "m2")]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping" in err and "broken.json" in err
+    data = json.loads(next((tmp_path / "m2").glob("cpu-*.json")).read_text())
+    assert data["partial"] == f"{parts[1].name}: interrupted after 1 of 2 cases"
+    assert any("differ in triton" in n for n in data["notes"])
+    md = next((tmp_path / "m2").glob("cpu-*.md")).read_text()
+    assert "partial run" in md and "differ in triton" in md
+
 
 def test_compare_flags_nan_and_tolerance():
     want = torch.tensor([1.0, -2.0, 3.0])
@@ -339,6 +357,8 @@ def test_every_target_reads_a_case_of_the_gpu_run():
         assert (t.op, t.shape, t.mode, t.dtype) in cases, t
         if t.versus is not None:
             assert (t.versus, t.shape, t.mode, t.dtype) in cases, t
+        spec = _bench_cases.SPECS[t.op]
+        assert t.peer == "rlhf_fast" or t.peer in spec.peers or t.peer in spec.gpu_peers, t
 
 
 def test_targets_are_judged_per_metric():
