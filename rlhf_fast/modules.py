@@ -12,7 +12,8 @@ class PPOLoss(nn.Module):
     Hyper-parameters (defaults as the functional op): clip_eps=0.2, clip_eps_high=None (=clip_eps),
     dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, agg="token-mean", horizon=None,
     temperature=1.0, ignore_index=-100, inplace_backward=False (the gradient overwrites the
-    logits' storage), backend=None, kl_clamp=None.
+    logits' storage), backend=None, kl_clamp=None, loss_scale=1.0 (e.g. 1 / gradient accumulation
+    steps: the gradient comes out scaled from the forward, with no extra pass in backward).
 
     forward(logits [B, T, V], labels [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
     ref_logprobs [B, T] | None) -> (loss 0-d fp32, stats dict).
@@ -32,7 +33,8 @@ class PPOLoss(nn.Module):
         ignore_index: int = -100,
         inplace_backward: bool = False,
         backend: str | None = None,
-        kl_clamp: float | None = None,  # last: keeps the positional order of earlier releases
+        kl_clamp: float | None = None,  # new parameters go last: the positional order stays
+        loss_scale: float = 1.0,
     ):
         super().__init__()
         self.kwargs = dict(
@@ -43,6 +45,7 @@ class PPOLoss(nn.Module):
             kl_coef=kl_coef,
             kl_kind=kl_kind,
             kl_clamp=kl_clamp,
+            loss_scale=loss_scale,
             entropy_coef=entropy_coef,
             agg=agg,
             horizon=horizon,

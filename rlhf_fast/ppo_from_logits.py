@@ -312,6 +312,7 @@ def ppo_loss_from_logits(
     ignore_index: int = -100,
     inplace_backward: bool = False,
     backend: str | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO / GRPO actor loss from logits, fused: log-probs, entropy, clipped surrogate, KL penalty,
     entropy bonus and aggregation in one pass, with the logits gradient written in that pass.
@@ -346,6 +347,11 @@ def ppo_loss_from_logits(
             backward, via the version counter). Ignored under torch.compile (the functional op
             is used there). Needs a logits tensor with last stride 1, else a copy is made first.
         backend: None / "auto" / "triton" / "reference" (see `rlhf_fast._backend`).
+        loss_scale: > 0, multiplies the returned loss and the gradient (default 1; the stats are
+            not scaled). For gradient accumulation over k micro-batches pass 1 / k and call
+            loss.backward(): the gradients of (loss / k).backward() without its cost, a pass over
+            the [B, T, V] gradient to multiply it by grad_output = 1 / k (the gradient is written
+            in the forward, already scaled).
 
     Returns:
         (loss 0-d fp32, stats), stats holding detached tensors (never synced to the host):
@@ -400,6 +406,7 @@ def ppo_loss_from_logits(
     kl_coef = check_float("kl_coef", kl_coef)
     kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
     entropy_coef = check_float("entropy_coef", entropy_coef)
+    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
     if kl_kind not in _KL_KINDS:
         raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
     check_agg(agg, horizon)
@@ -425,6 +432,7 @@ def ppo_loss_from_logits(
             agg=agg,
             horizon=horizon,
             ignore_index=ignore_index,
+            loss_scale=loss_scale,
         )
 
     V = logits.shape[-1]
@@ -437,6 +445,10 @@ def ppo_loss_from_logits(
     counted = (mask != 0) & (labels != ignore_index)
     stat_mask = torch.where(counted, mask.to(torch.float32), 0.0)
     weights = aggregation_weights(stat_mask, agg, horizon=horizon)
+    if loss_scale != 1.0:
+        # The loss and the gradient are both sums over w_bt (the stats use stat_mask): scaling the
+        # weights scales both, in the forward pass that writes the gradient.
+        weights = weights * loss_scale
     args = (
         labels,
         old_logprobs.detach(),
@@ -463,6 +475,8 @@ def ppo_loss_from_logits(
         loss, logp, ent, _grad, stats_vec = _fwd_op(logits, *args, write_grad)
 
     stats = {name: stats_vec[i] for i, name in enumerate(_STAT_NAMES)}
+    if loss_scale != 1.0:
+        stats["policy_loss"] = stats["policy_loss"] / loss_scale  # summed with the scaled weights
     if dual_clip is None:
         del stats["dual_clipfrac"]
     stats["logprobs"] = logp

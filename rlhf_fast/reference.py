@@ -451,6 +451,7 @@ def ppo_loss_from_logits(
     agg="token-mean",
     horizon=None,
     ignore_index=-100,
+    loss_scale=1.0,
 ):
     """PPO/GRPO actor loss from logits [B, T, V]: per-token log-probs and entropy, the clipped
     policy term, + kl_coef * kl_penalty(logp, ref, kl_kind, clamp=kl_clamp) when ref_logprobs is given,
@@ -458,7 +459,8 @@ def ppo_loss_from_logits(
 
     Returns (loss, stats): logprobs [B, T] (detached), entropy (masked mean), clipfrac,
     approx_kl, ratio_mean, ratio_max, kl (masked mean of the KL term, 0 without ref),
-    policy_loss (aggregated policy term alone). Gradient reaches `logits` only.
+    policy_loss (aggregated policy term alone). Gradient reaches `logits` only. loss_scale
+    multiplies the loss (hence the gradient), not the stats.
     """
     logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     counted = (mask != 0) & (labels != ignore_index)
@@ -477,7 +479,7 @@ def ppo_loss_from_logits(
         kl_mean = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if entropy_coef != 0.0:
         total = total - entropy_coef * ent
-    loss = aggregate(total, m, agg, horizon=horizon)
+    loss = aggregate(total, m, agg, horizon=horizon) * loss_scale
     stats = _policy_stats(ratio, logp, old, clipped, dual, m)
     stats.update(
         logprobs=logp.detach(),

@@ -159,6 +159,34 @@ def test_matches_reference(name, dtype):
             assert_close(got[1][key], stats_r[key], msg=key)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loss_scale_scales_the_loss_and_gradient_not_the_stats(dtype):
+    """loss_scale = 1/k (gradient accumulation) gives the loss and logits gradient of
+    (loss / k).backward() with loss.backward(); the stats stay unscaled; the reference agrees."""
+    logits, labels, old, adv, mask, ref = make_inputs(dtype=dtype, seed=31)
+    kw = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.02, dual_clip=2.0, agg="seq-mean-token-mean")
+    x1 = logits.clone().requires_grad_(True)
+    loss1, stats1 = ppo_loss_from_logits(x1, labels, old, adv, mask, backend="triton", **kw)
+    (loss1 * 0.25).backward()
+    x2 = logits.clone().requires_grad_(True)
+    loss2, stats2 = ppo_loss_from_logits(x2, labels, old, adv, mask, backend="triton", loss_scale=0.25, **kw)
+    loss2.backward()
+    assert_close(loss2, loss1 * 0.25)
+    assert_close(x2.grad, x1.grad, dtype)
+    assert not torch.equal(x2.grad, 4 * x2.grad)  # not a zero gradient
+    for key in stats1:
+        assert_close(stats2[key], stats1[key], msg=key)
+    xr = logits.float().requires_grad_(True)
+    loss_r, stats_r = reference.ppo_loss_from_logits(xr, labels, old, adv, mask, loss_scale=0.25, **kw)
+    loss_r.backward()
+    assert_close(loss_r, loss2)
+    assert_close(stats_r["policy_loss"], stats2["policy_loss"])
+    assert_close(x2.grad, xr.grad, dtype)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="loss_scale"):
+            ppo_loss_from_logits(logits, labels, old, adv, mask, loss_scale=bad, backend="triton")
+
+
 def test_kl_clamp_is_exercised():
     """The clamped options do clamp some tokens and leave others: not vacuous either way."""
     logits, labels, old, adv, mask, ref = make_inputs()
