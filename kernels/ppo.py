@@ -158,9 +158,9 @@ def _is_last_program(counter_ptr, n_programs):
 
 
 @triton.jit
-def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, AGG: tl.constexpr, BLOCK: tl.constexpr):
-    """counts [B] -> row scales s_b and sum m, in one program with a fixed summation order.
-    Loads bypass L1 (.cg): the counts were written by other programs."""
+def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG: tl.constexpr, BLOCK: tl.constexpr):
+    """counts [B] -> row scales s_b (times loss_scale) and sum m, in one program with a fixed
+    summation order. Loads bypass L1 (.cg): the counts were written by other programs."""
     lanes = tl.arange(0, BLOCK)
     acc_m = tl.zeros((BLOCK,), tl.float32)
     acc_rows = tl.zeros((BLOCK,), tl.float32)
@@ -177,11 +177,12 @@ def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, AGG: tl.constexpr,
         s = 1.0 / (n_seqs * horizon)
     else:
         s = 1.0 / n_seqs
+    s = s * loss_scale
     for start in range(0, B, BLOCK):
         rows = start + lanes
         if AGG == 2:
             c = tl.load(counts_ptr + rows, mask=rows < B, other=0.0, cache_modifier=".cg")
-            scale = 1.0 / (tl.maximum(c, 1.0) * n_seqs)
+            scale = loss_scale / (tl.maximum(c, 1.0) * n_seqs)
         else:
             scale = tl.zeros((BLOCK,), tl.float32) + s
         tl.store(scale_ptr + rows, scale, mask=rows < B)
@@ -196,6 +197,7 @@ def _mask_row_scales_kernel(
     B,
     T,
     horizon,
+    loss_scale,
     AGG: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -216,7 +218,7 @@ def _mask_row_scales_kernel(
         acc += _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid, "evict_last")
     tl.store(counts_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
     if _is_last_program(work_ptr + _COUNTER_ROW_SCALES, tl.num_programs(0)):
-        _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, AGG, REDUCE_BLOCK)
+        _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -352,7 +354,7 @@ def _finalize(
 # Launchers. Callers (rlhf_fast/ppo.py) validate arguments; inputs are [B, T] with any strides.
 
 
-def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad):
+def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale):
     B, T = x.shape
     dev = x.device
     n_sums, has_max = _N_SUMS[loss_kind], _HAS_MAX[loss_kind]
@@ -381,6 +383,7 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         B,
         T,
         float(horizon),
+        float(loss_scale),
         AGG=AGG_CODES[agg],
         BLOCK_B=count_b,
         BLOCK_T=count_t,
@@ -436,15 +439,28 @@ def ppo_policy_forward(
     agg: str,
     horizon: float,
     write_grad: bool,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss 0-d fp32, stats [5] fp32 in POLICY_STATS order, grad).
 
     eps_low / eps_high are the clip widths (ratio bounds 1 - eps_low, 1 + eps_high). grad is
     d loss / d logprobs ([B, T] contiguous, logprobs' dtype) for grad_output = 1, or an empty (0,)
-    tensor when write_grad is False.
+    tensor when write_grad is False. loss_scale multiplies the loss and grad (the aggregation
+    weights), not the stats.
     """
     return _forward(
-        POLICY, logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad
+        POLICY,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        eps_low,
+        eps_high,
+        dual_clip,
+        agg,
+        horizon,
+        write_grad,
+        loss_scale,
     )
 
 
@@ -457,10 +473,11 @@ def ppo_value_forward(
     agg: str,
     horizon: float,
     write_grad: bool,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss 0-d fp32, stats [2] fp32 in VALUE_STATS order, grad): grad is d loss / d values
     ([B, T] contiguous, values' dtype) for grad_output = 1, or an empty (0,) tensor."""
-    return _forward(VALUE, values, old_values, returns, mask, clip_eps, 0.0, None, agg, horizon, write_grad)
+    return _forward(VALUE, values, old_values, returns, mask, clip_eps, 0.0, None, agg, horizon, write_grad, loss_scale)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:

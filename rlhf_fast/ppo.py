@@ -86,17 +86,19 @@ def _ppo_policy_op(
     agg: str,
     horizon: float,
     write_grad: bool,
+    loss_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
     grad [B, T] in logprobs' dtype (d loss / d logprobs for grad_output = 1; an empty (0,) tensor
-    without write_grad)). grad is private to this op's autograd: backward scales it in place."""
+    without write_grad)). grad is private to this op's autograd: backward scales it in place.
+    loss_scale multiplies the loss and grad, not the stats."""
     return _kernels().ppo_policy_forward(
-        logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad
+        logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale
     )
 
 
 @_ppo_policy_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad):
+def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale=1.0):
     f32 = torch.float32
     return (
         logprobs.new_empty((), dtype=f32),
@@ -115,14 +117,17 @@ def _ppo_value_op(
     agg: str,
     horizon: float,
     write_grad: bool,
+    loss_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype or
-    (0,)); grad as in rlhf_fast::ppo_policy_loss."""
-    return _kernels().ppo_value_forward(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad)
+    (0,)); grad and loss_scale as in rlhf_fast::ppo_policy_loss."""
+    return _kernels().ppo_value_forward(
+        values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale
+    )
 
 
 @_ppo_value_op.register_fake
-def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad):
+def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale=1.0):
     f32 = torch.float32
     return (
         values.new_empty((), dtype=f32),
@@ -137,7 +142,9 @@ def _setup_context(ctx, inputs, output):
     _, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
     ctx.save_for_backward(grad)
-    ctx.write_grad = inputs[-1]
+    # write_grad is the last argument but loss_scale (default 1): at a fixed distance from the end
+    # whether or not the caller passed loss_scale.
+    ctx.write_grad = inputs[-1] if isinstance(inputs[-1], bool) else inputs[-2]
     ctx.n_inputs = len(inputs)
     ctx.grad_consumed = False
 
@@ -240,6 +247,7 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     horizon=None,
     backend=None,
+    loss_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss per token, aggregated (verl `compute_policy_loss`).
 
@@ -262,6 +270,10 @@ def ppo_policy_loss(
             "seq-mean-token-sum-norm" (see rlhf_fast.aggregate).
         horizon: divisor for "seq-mean-token-sum-norm" (default T).
         backend: None/"auto", "triton" or "reference".
+        loss_scale: > 0, multiplies the loss and its gradient, not the stats (default 1). For
+            gradient accumulation over k micro-batches pass 1 / k and call loss.backward(): the
+            gradient is written in the forward already scaled, where (loss / k).backward() costs
+            one more pass over it.
     Returns:
         loss: 0-d fp32, differentiable w.r.t. logprobs only (the gradient comes back in logprobs'
             dtype). old_logprobs and advantages are treated as constants: even if they require
@@ -282,6 +294,7 @@ def ppo_policy_loss(
     eps_low = check_float("clip_eps", clip_eps, low=0.0)
     eps_high = eps_low if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
     dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False, allow_none=True)
+    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
     h = _horizon(agg, horizon, logprobs.shape[-1])
     impl = resolve("ppo_policy_loss", backend, logprobs.device)
     if impl == "reference":
@@ -297,6 +310,7 @@ def ppo_policy_loss(
             dual_clip=dual_clip,
             agg=agg,
             horizon=horizon,
+            loss_scale=loss_scale,
         )
     loss, stats_vec = _fused_loss(
         _ppo_policy_op,
@@ -311,6 +325,7 @@ def ppo_policy_loss(
         agg,
         h,
         _grad_wanted(logprobs),
+        loss_scale,
     )
     stats = {name: stats_vec[i] for i, name in enumerate(_POLICY_STATS)}
     if dual_clip is None:
@@ -328,6 +343,7 @@ def ppo_value_loss(
     agg: str = "token-mean",
     horizon=None,
     backend=None,
+    loss_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss per token, aggregated (verl `compute_value_loss`).
 
@@ -340,7 +356,7 @@ def ppo_value_loss(
             compute_value_loss takes (vpreds, returns, values, ...): a different order.)
         mask: [B, T] bool, integer or float; 1 = token counts.
         clip_eps: value clip range >= 0 (default 0.2).
-        agg, horizon: as in `ppo_policy_loss`.
+        agg, horizon, loss_scale: as in `ppo_policy_loss`.
         backend: None/"auto", "triton" or "reference".
     Returns:
         loss: 0-d fp32, differentiable w.r.t. values only (gradient in values' dtype; old_values
@@ -352,12 +368,15 @@ def ppo_value_loss(
     """
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
     eps = check_float("clip_eps", clip_eps, low=0.0)
+    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
     h = _horizon(agg, horizon, values.shape[-1])
     impl = resolve("ppo_value_loss", backend, values.device)
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon)
+        return reference.ppo_value_loss(
+            values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon, loss_scale=loss_scale
+        )
     loss, stats_vec = _fused_loss(
         _ppo_value_op,
         "ppo_value_forward",
@@ -369,6 +388,7 @@ def ppo_value_loss(
         agg,
         h,
         _grad_wanted(values),
+        loss_scale,
     )
     stats = {name: stats_vec[i] for i, name in enumerate(_VALUE_STATS)}
     return loss, stats

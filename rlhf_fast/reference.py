@@ -392,6 +392,7 @@ def ppo_policy_loss(
     dual_clip=None,
     agg="token-mean",
     horizon=None,
+    loss_scale=1.0,
 ):
     """PPO clipped surrogate (Schulman et al. 2017) with asymmetric clipping (DAPO's clip-higher)
     and dual-clip (Ye et al. 2020), as in verl `compute_policy_loss`.
@@ -400,20 +401,20 @@ def ppo_policy_loss(
     dual_clip = c and A < 0: L = min(L, -c A). Aggregated with `aggregate(agg)`.
     Returns (loss 0-d, stats): clipfrac, approx_kl (masked mean of old - logp), ratio_mean,
     ratio_max (0 for an empty mask), dual_clipfrac when dual_clip is set. Gradient reaches
-    `logprobs` only.
+    `logprobs` only. loss_scale multiplies the loss (hence the gradient), not the stats.
     """
     dt = _compute_dtype(logprobs)
     logp = logprobs.to(dt)
     old = old_logprobs.detach().to(dt)
     adv = advantages.detach().to(dt)
     loss_tok, ratio, clipped, dual = _ppo_policy_terms(logp, old, adv, mask, clip_eps, clip_eps_high, dual_clip)
-    loss = aggregate(loss_tok, mask, agg, horizon=horizon)
+    loss = aggregate(loss_tok, mask, agg, horizon=horizon) * loss_scale
     return loss, _policy_stats(ratio, logp, old, clipped, dual, mask)
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", horizon=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", horizon=None, loss_scale=1.0):
     """Clipped value loss (verl `compute_value_loss`): per token
-    0.5 max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2), aggregated.
+    0.5 max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2), aggregated (times loss_scale).
     Returns (loss, stats): vf_clipfrac (clipped term strictly larger), vpred_mean."""
     dt = _compute_dtype(values)
     v = values.to(dt)
@@ -424,7 +425,7 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="toke
     counted = mask != 0
     l1 = torch.where(counted, v - R, 0.0) ** 2
     l2 = torch.where(counted, v_clipped - R, 0.0) ** 2
-    loss = 0.5 * aggregate(torch.maximum(l1, l2), mask, agg, horizon=horizon)
+    loss = 0.5 * aggregate(torch.maximum(l1, l2), mask, agg, horizon=horizon) * loss_scale
     stats = {
         "vf_clipfrac": _masked_mean((l2 > l1).to(dt), mask).detach(),
         "vpred_mean": _masked_mean(v, mask).detach(),

@@ -362,6 +362,37 @@ def test_policy_loss_no_grad_and_determinism():
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("loss", ["policy", "value"])
+def test_loss_scale_scales_the_loss_and_gradient_not_the_stats(loss, agg):
+    """loss_scale = 1/k (gradient accumulation) gives the loss and gradient of (loss / k).backward()
+    with loss.backward(); the stats stay as they are; the reference agrees."""
+    if loss == "policy":
+        x0, a, b, mask = _policy_case(4, 37, seed=21, mask_kind="float")
+        fn, ref_fn, kw = rlhf_fast.ppo_policy_loss, reference.ppo_policy_loss, dict(dual_clip=2.5, agg=agg)
+    else:
+        x0, a, b, mask = _value_case(4, 37, seed=21, mask_kind="float")
+        fn, ref_fn, kw = rlhf_fast.ppo_value_loss, reference.ppo_value_loss, dict(agg=agg)
+    x1 = x0.clone().requires_grad_()
+    loss1, stats1 = fn(x1, a, b, mask, backend="triton", **kw)
+    (loss1 * 0.125).backward()
+    x2 = x0.clone().requires_grad_()
+    loss2, stats2 = fn(x2, a, b, mask, backend="triton", loss_scale=0.125, **kw)
+    loss2.backward()
+    _close(loss2, loss1 * 0.125)
+    _close(x2.grad, x1.grad)
+    assert torch.count_nonzero(x2.grad) > 0
+    for key in stats1:
+        _close(stats2[key], stats1[key])
+    xr = x0.clone().requires_grad_()
+    loss_r, _ = ref_fn(xr, a, b, mask, loss_scale=0.125, **kw)
+    loss_r.backward()
+    _close(loss2, loss_r)
+    _close(x2.grad, xr.grad)
+    with pytest.raises(ValueError, match="loss_scale"):
+        fn(x0, a, b, mask, loss_scale=0.0, backend="triton")
+
+
 def test_policy_loss_opcheck_and_compile():
     logp, old, adv, mask = _policy_case(3, 11, seed=9)
     x = logp.clone().requires_grad_()
@@ -369,6 +400,7 @@ def test_policy_loss_opcheck_and_compile():
     opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "token-mean", 11.0, True))
     opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.2, 0.28, 3.0, "seq-mean-token-mean", 11.0, True))
     opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum-norm", 4.0, False))
+    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum", 11.0, True, 0.125))
     opcheck = torch.library.opcheck
     for go in (1.0, 1.5):
         g = torch.randn(3, 11, device=DEVICE).to(torch.bfloat16)
