@@ -15,6 +15,8 @@
 #   suites            the pytest-benchmark suites (--benchmark-json in $OUT)
 #   tune              bench/tune_gpu.py: row width / warps, cluster size and the per-token PPO tile,
 #                     each timed and checked (tune.json in $OUT)
+#   profile[=OPS]     bench/profile_gpu.py: torch.profiler kernel tables of rlhf_fast's step for each
+#                     case an issue target reads, beside its floor (profile.txt): where the time goes
 # Order that gets the issues' targets first (one device call per line; estimates from a review of
 # the run, never measured): a session has 30 device-minutes, and a machine given back (30 s idle)
 # costs minutes to start again, so issue the calls back to back and read the outputs after.
@@ -22,7 +24,7 @@
 #   bash bench/gpu_session.sh report=ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae report=linear_logprobs
 #                                                                       # ~6-7 min
 #   bash bench/gpu_session.sh report=logprobs,logprobs+entropy          # ~6-8 min
-#   bash bench/gpu_session.sh tune                                      # ~4 min, if time is left
+#   bash bench/gpu_session.sh profile tune                              # ~2 + ~4 min, if time is left
 #   bash bench/gpu_session.sh suites                                    # optional: the report covers the targets
 # then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
 # (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
@@ -168,6 +170,15 @@ suites() {
     | tee "$OUT/pytest-bench.log" | tail -60
 }
 
+profile() {
+  install_if_fresh || return 1
+  local ops=${1:-} left repo=$PWD
+  left=$(seconds_left)
+  [ "$left" -eq 0 ] && { echo "no time left for profile ($SECONDS s used)" | tee "$OUT/profile.log"; return 0; }
+  (cd /tmp && timeout -s INT -k 15 "$left" python3 "$repo/bench/profile_gpu.py" --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
+    | tail -40
+}
+
 tune() {
   install_if_fresh || return 1
   # From /tmp so the installed package (with its _C) is imported, not the source tree.
@@ -179,18 +190,18 @@ tune() {
 }
 
 usage() {
-  echo "usage: $0 STAGE [STAGE ...]  with STAGE one of: build, report, report=OPS, suites, tune" >&2
+  echo "usage: $0 STAGE [STAGE ...]  with STAGE one of: build, report, report=OPS, suites, tune, profile, profile=OPS" >&2
   echo "       $0 report OPS" >&2
 }
 
 # The older two-argument form `report OPS`.
-if [ "${1:-}" = report ] && [ $# -eq 2 ] && [[ "$2" != *=* ]] && [[ ! "$2" =~ ^(build|report|suites|tune)$ ]]; then
+if [ "${1:-}" = report ] && [ $# -eq 2 ] && [[ "$2" != *=* ]] && [[ ! "$2" =~ ^(build|report|suites|tune|profile)$ ]]; then
   set -- "report=$2"
 fi
 [ $# -eq 0 ] && set -- build
 for stage in "$@"; do
   case "$stage" in
-    build|report|report=*|suites|tune) ;;
+    build|report|report=*|suites|tune|profile|profile=*) ;;
     *) usage; exit 2 ;;
   esac
 done
@@ -215,5 +226,7 @@ for stage in "$@"; do
     report=*) report "${stage#report=}" ;;
     suites) suites ;;
     tune) tune ;;
+    profile) profile "" ;;
+    profile=*) profile "${stage#profile=}" ;;
   esac
 done

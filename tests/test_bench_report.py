@@ -435,3 +435,44 @@ def test_tune_sweep_dry_run(tmp_path):
         for e in entries:
             assert "error" not in e, e
             assert e["ms"] > 0 and e["max_err_vs_default"] < 1e-4, e
+
+
+def test_profile_dry_run(tmp_path):
+    """bench/profile_gpu.py (where the time goes, per issue-target case) runs end to end on the CPU
+    quick cases and writes one profile.txt with a kernel table per case."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "profile_gpu.py"
+    if not script.exists():  # tests/ copied next to an installed wheel, without bench/
+        pytest.skip(f"{script} not found")
+    run = subprocess.run(
+        [sys.executable, str(script), "--small", "--ops", "gae,dpo_loss", "--out", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = (tmp_path / "profile.txt").read_text()
+    n_cases = len(_bench_cases.select(_bench_cases.cpu_cases(torch.float32, True), ["gae", "dpo_loss"]))
+    assert n_cases >= 2 and text.count("## ") == n_cases
+    assert "raised" not in text and "floor" in text and "Name" in text
+    for case in ("## gae fwd", "## dpo_loss fwd+bwd"):
+        assert case in text
+
+
+def test_profile_cases_are_the_targets_cases():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import profile_gpu
+    except ImportError:
+        pytest.skip("bench/ not next to tests/")
+    finally:
+        sys.path.pop(0)
+    from rlhf_fast import _bench_targets
+
+    got = {(c.op, c.shape, c.mode, c.dtype) for c in profile_gpu.target_cases(False, None)}
+    for t in _bench_targets.TARGETS:
+        assert (t.op, t.shape, t.mode, t.dtype) in got, t
+    assert {c.op for c in profile_gpu.target_cases(False, ["gae"])} == {"gae"}
