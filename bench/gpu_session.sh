@@ -29,8 +29,8 @@
 # then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
 # (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
 # A machine given back between calls comes back bare. Calls after `build` install the wheel it
-# left in $OUT/wheel when that is carried as ./.gpu_wheel (copy the fetched files there, add
-# `/.gpu_wheel/` to .git/info/exclude and name ".gpu_wheel" in carry): seconds instead of a
+# left in $OUT/wheel when that is carried as ./.gpu_wheel (copy the fetched files there, where
+# .gitignore keeps them out of git, and name ".gpu_wheel" in carry): seconds instead of a
 # ~1.5 min sm_90 build, as long as csrc/ and setup.py are unchanged (their hash is checked; the
 # Python files always come from the tree). Otherwise they rebuild for sm_90.
 # If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
