@@ -176,12 +176,20 @@ def test_loss_scale_scales_the_loss_and_gradient_not_the_stats(dtype):
     assert not torch.equal(x2.grad, 4 * x2.grad)  # not a zero gradient
     for key in stats1:
         assert_close(stats2[key], stats1[key], msg=key)
-    xr = logits.float().requires_grad_(True)
+    xr = logits.detach().float().clone().requires_grad_(True)
     loss_r, stats_r = reference.ppo_loss_from_logits(xr, labels, old, adv, mask, loss_scale=0.25, **kw)
     loss_r.backward()
     assert_close(loss_r, loss2)
     assert_close(stats_r["policy_loss"], stats2["policy_loss"])
     assert_close(x2.grad, xr.grad, dtype)
+    # inplace_backward: the same scaled gradient, in the logits' storage
+    base = logits.clone().requires_grad_(True)
+    y = base * 1.0
+    loss3, _ = ppo_loss_from_logits(y, labels, old, adv, mask, backend="triton", loss_scale=0.25,
+                                    inplace_backward=True, **kw)
+    loss3.backward()
+    assert_close(loss3, loss2)
+    assert_close(base.grad, x2.grad, dtype)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="loss_scale"):
             ppo_loss_from_logits(logits, labels, old, adv, mask, loss_scale=bad, backend="triton")
