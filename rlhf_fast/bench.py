@@ -1098,17 +1098,7 @@ def _run(args) -> int:
         _restore_sigterm(previous_term)
         progress.close()
 
-    table, notes, targets_md, _ = _summaries(results, cuda)
-    print(table)
-    if interrupted:
-        notes.insert(0, interrupted)
-    if notes:
-        print("\nnotes:")
-        for n in notes:
-            print(f"- {n}")
-    if cuda:
-        print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
-        print(targets_md)
+    print_summary(results, cuda, meta["device"], [interrupted] if interrupted else [])
 
     written, plot_msg, failures = _write_report(
         stem, meta, bandwidth, bw_how, results, cuda, partial=interrupted, with_plots=True
@@ -1194,16 +1184,7 @@ def _merge(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
-    table, notes, targets_md, _ = _summaries(results, cuda)
-    print(table)
-    notes = [f"partial run: {p}" for p in partial] + differ + notes
-    if notes:
-        print("\nnotes:")
-        for n in notes:
-            print(f"- {n}")
-    if cuda:
-        print(f"\nissue targets (bounds for an H100; this run: {meta['device']}):")
-        print(targets_md)
+    print_summary(results, cuda, meta["device"], [f"partial run: {p}" for p in partial] + differ)
     written, plot_msg, failures = _write_report(
         stem, meta, bandwidth, bw_how, results, cuda, partial="; ".join(partial), with_plots=True, extra_notes=differ
     )
@@ -1233,6 +1214,20 @@ def _raise_interrupt_on_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def print_summary(results: list, cuda: bool, device_name: str, lead_notes: list[str]) -> None:
+    """The table, the notes (lead_notes first) and, on a GPU, the issue targets, on stdout."""
+    table, notes, targets_md, _ = _summaries(results, cuda)
+    print(table)
+    notes = list(lead_notes) + notes
+    if notes:
+        print("\nnotes:")
+        for n in notes:
+            print(f"- {n}")
+    if cuda:
+        print(f"\nissue targets (bounds for an H100; this run: {device_name}):")
+        print(targets_md)
 
 
 def _summaries(results: list, cuda: bool):
