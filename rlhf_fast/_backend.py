@@ -226,6 +226,13 @@ def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Te
     return mask.to(torch.float32)
 
 
+def check_loss_scale(value) -> float:
+    """loss_scale of the fused losses: a positive float in [1e-30, 1e30]. The kernels take it as
+    fp32 (and multiply it into fp32 weights): outside that range it would overflow to inf or
+    underflow to 0, which the kernels would read as an uncounted token."""
+    return check_float("loss_scale", value, low=1e-30, high=1e30)
+
+
 def check_float(
     name: str,
     value,

@@ -29,6 +29,7 @@ from torch import Tensor
 from rlhf_fast._backend import (
     LOGP_DTYPES,
     check_float,
+    check_loss_scale,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -200,10 +201,16 @@ class _FusedLossFunction(torch.autograd.Function):
 
 
 def _fused_loss(op, launcher_name: str, x: Tensor, *args) -> tuple[Tensor, Tensor]:
-    """(loss, stats vector) through the custom op (under torch.compile) or the eager twin."""
+    """(loss, stats vector) through the custom op (under torch.compile) or the eager twin; the
+    last of args is loss_scale."""
     if torch.compiler.is_compiling():
-        loss, stats, _ = op(x, *args)
-        return loss, stats
+        # loss_scale as a traced multiply, not an op argument: Dynamo guards on the value of a
+        # custom op's float argument, so every new scale (one per micro-batch, say) would compile
+        # again, and fullgraph=True fails after 8. The compiled backward then folds grad_output
+        # (= loss_scale) into the gradient in its one pass, as it does for any grad_output.
+        *rest, loss_scale = args
+        loss, stats, _ = op(x, *rest, 1.0)
+        return loss * loss_scale, stats
     return _FusedLossFunction.apply(getattr(_kernels(), launcher_name), x, *args)
 
 
@@ -273,7 +280,8 @@ def ppo_policy_loss(
         loss_scale: > 0, multiplies the loss and its gradient, not the stats (default 1). For
             gradient accumulation over k micro-batches pass 1 / k and call loss.backward(): the
             gradient is written in the forward already scaled, where (loss / k).backward() costs
-            one more pass over it.
+            one more pass over it (eager mode; under torch.compile the scale is a traced multiply
+            of the loss, so a new value never recompiles). Range [1e-30, 1e30].
     Returns:
         loss: 0-d fp32, differentiable w.r.t. logprobs only (the gradient comes back in logprobs'
             dtype). old_logprobs and advantages are treated as constants: even if they require
@@ -294,7 +302,7 @@ def ppo_policy_loss(
     eps_low = check_float("clip_eps", clip_eps, low=0.0)
     eps_high = eps_low if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
     dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False, allow_none=True)
-    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
+    loss_scale = check_loss_scale(loss_scale)
     h = _horizon(agg, horizon, logprobs.shape[-1])
     impl = resolve("ppo_policy_loss", backend, logprobs.device)
     if impl == "reference":
@@ -368,7 +376,7 @@ def ppo_value_loss(
     """
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
     eps = check_float("clip_eps", clip_eps, low=0.0)
-    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
+    loss_scale = check_loss_scale(loss_scale)
     h = _horizon(agg, horizon, values.shape[-1])
     impl = resolve("ppo_value_loss", backend, values.device)
     if impl == "reference":

@@ -26,6 +26,7 @@ from rlhf_fast._backend import (
     as_float_mask,
     check_float,
     check_int,
+    check_loss_scale,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -351,7 +352,8 @@ def ppo_loss_from_logits(
             not scaled). For gradient accumulation over k micro-batches pass 1 / k and call
             loss.backward(): the gradients of (loss / k).backward() without its cost, a pass over
             the [B, T, V] gradient to multiply it by grad_output = 1 / k (the gradient is written
-            in the forward, already scaled).
+            in the forward, already scaled). Eager mode; under torch.compile the backward makes
+            its one traced multiply by grad_output whatever the scale. Range [1e-30, 1e30].
 
     Returns:
         (loss 0-d fp32, stats), stats holding detached tensors (never synced to the host):
@@ -406,7 +408,7 @@ def ppo_loss_from_logits(
     kl_coef = check_float("kl_coef", kl_coef)
     kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
     entropy_coef = check_float("entropy_coef", entropy_coef)
-    loss_scale = check_float("loss_scale", loss_scale, low=0.0, low_inclusive=False)
+    loss_scale = check_loss_scale(loss_scale)
     if kl_kind not in _KL_KINDS:
         raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
     check_agg(agg, horizon)

@@ -389,8 +389,31 @@ def test_loss_scale_scales_the_loss_and_gradient_not_the_stats(loss, agg):
     loss_r.backward()
     _close(loss2, loss_r)
     _close(x2.grad, xr.grad)
-    with pytest.raises(ValueError, match="loss_scale"):
-        fn(x0, a, b, mask, loss_scale=0.0, backend="triton")
+    for bad in (0.0, 1e-40, 1e40):  # out of what an fp32 weight holds
+        with pytest.raises(ValueError, match="loss_scale"):
+            fn(x0, a, b, mask, loss_scale=bad, backend="triton")
+
+
+def test_loss_scale_under_compile_does_not_recompile_per_value():
+    """A scale that changes every micro-batch must not compile a graph per value (a custom op's
+    float argument is a guard; fullgraph=True fails after 8): 10 values, fullgraph, one compile."""
+    logp, old, adv, mask = _policy_case(3, 13, seed=23)
+
+    @torch.compile(fullgraph=True)
+    def step(x, scale):
+        loss, stats = rlhf_fast.ppo_policy_loss(x, old, adv, mask, dual_clip=3.0, backend="triton", loss_scale=scale)
+        return loss, stats["clipfrac"]
+
+    for k in range(1, 11):
+        x = logp.clone().requires_grad_()
+        loss, clipfrac = step(x, 1.0 / k)
+        loss.backward()
+        xr = logp.clone().requires_grad_()
+        loss_r, stats_r = reference.ppo_policy_loss(xr, old, adv, mask, dual_clip=3.0, loss_scale=1.0 / k)
+        loss_r.backward()
+        _close(loss, loss_r)
+        _close(x.grad, xr.grad)
+        _close(clipfrac, stats_r["clipfrac"])
 
 
 def test_policy_loss_opcheck_and_compile():

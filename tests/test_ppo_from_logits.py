@@ -190,9 +190,31 @@ def test_loss_scale_scales_the_loss_and_gradient_not_the_stats(dtype):
     loss3.backward()
     assert_close(loss3, loss2)
     assert_close(base.grad, x2.grad, dtype)
-    for bad in (0.0, -1.0, float("nan")):
+    for bad in (0.0, -1.0, float("nan"), 1e-40, 1e40):
         with pytest.raises(ValueError, match="loss_scale"):
             ppo_loss_from_logits(logits, labels, old, adv, mask, loss_scale=bad, backend="triton")
+
+
+def test_loss_scale_under_compile_does_not_recompile_per_value():
+    logits, labels, old, adv, mask, ref = make_inputs(seed=32)
+
+    @torch.compile(fullgraph=True)
+    def step(x, scale):
+        loss, stats = ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                           backend="triton", loss_scale=scale)
+        return loss, stats["policy_loss"]
+
+    for k in range(1, 11):
+        x = logits.clone().requires_grad_(True)
+        loss, policy_loss = step(x, 1.0 / k)
+        loss.backward()
+        xr = logits.detach().clone().requires_grad_(True)
+        loss_r, stats_r = reference.ppo_loss_from_logits(xr, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                         loss_scale=1.0 / k)
+        loss_r.backward()
+        assert_close(loss, loss_r)
+        assert_close(policy_loss, stats_r["policy_loss"])
+        assert_close(x.grad, xr.grad)
 
 
 def test_kl_clamp_is_exercised():
