@@ -177,15 +177,14 @@ def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG: t
         s = 1.0 / (n_seqs * horizon)
     else:
         s = 1.0 / n_seqs
-    s = s * loss_scale
     for start in range(0, B, BLOCK):
         rows = start + lanes
         if AGG == 2:
             c = tl.load(counts_ptr + rows, mask=rows < B, other=0.0, cache_modifier=".cg")
-            scale = loss_scale / (tl.maximum(c, 1.0) * n_seqs)
+            scale = 1.0 / (tl.maximum(c, 1.0) * n_seqs)
         else:
             scale = tl.zeros((BLOCK,), tl.float32) + s
-        tl.store(scale_ptr + rows, scale, mask=rows < B)
+        tl.store(scale_ptr + rows, scale * loss_scale, mask=rows < B)
 
 
 @triton.jit
