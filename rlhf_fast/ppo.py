@@ -87,7 +87,7 @@ def _ppo_policy_op(
     agg: str,
     horizon: float,
     write_grad: bool,
-    loss_scale: float = 1.0,
+    loss_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
     grad [B, T] in logprobs' dtype (d loss / d logprobs for grad_output = 1; an empty (0,) tensor
@@ -99,7 +99,7 @@ def _ppo_policy_op(
 
 
 @_ppo_policy_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale=1.0):
+def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale):
     f32 = torch.float32
     return (
         logprobs.new_empty((), dtype=f32),
@@ -118,7 +118,7 @@ def _ppo_value_op(
     agg: str,
     horizon: float,
     write_grad: bool,
-    loss_scale: float = 1.0,
+    loss_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype or
     (0,)); grad and loss_scale as in rlhf_fast::ppo_policy_loss."""
@@ -128,7 +128,7 @@ def _ppo_value_op(
 
 
 @_ppo_value_op.register_fake
-def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale=1.0):
+def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale):
     f32 = torch.float32
     return (
         values.new_empty((), dtype=f32),
@@ -143,9 +143,7 @@ def _setup_context(ctx, inputs, output):
     _, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
     ctx.save_for_backward(grad)
-    # write_grad is the last argument but loss_scale (default 1): at a fixed distance from the end
-    # whether or not the caller passed loss_scale.
-    ctx.write_grad = inputs[-1] if isinstance(inputs[-1], bool) else inputs[-2]
+    ctx.write_grad = inputs[-2]  # (..., write_grad, loss_scale)
     ctx.n_inputs = len(inputs)
     ctx.grad_consumed = False
 

@@ -306,7 +306,7 @@ def test_second_backward_raises_and_grad_output_one_is_free():
 
     # The custom op (torch.compile's path) detects it too.
     y = logp.clone().requires_grad_()
-    op_loss, _, _ = _ppo_policy_op(y, old, adv, mask, 0.2, 0.2, None, "token-mean", 19.0, True)
+    op_loss, _, _ = _ppo_policy_op(y, old, adv, mask, 0.2, 0.2, None, "token-mean", 19.0, True, 1.0)
     op_loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         op_loss.backward()
@@ -420,9 +420,9 @@ def test_policy_loss_opcheck_and_compile():
     logp, old, adv, mask = _policy_case(3, 11, seed=9)
     x = logp.clone().requires_grad_()
     opcheck = _opcheck_loss_op
-    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "token-mean", 11.0, True))
-    opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.2, 0.28, 3.0, "seq-mean-token-mean", 11.0, True))
-    opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum-norm", 4.0, False))
+    opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "token-mean", 11.0, True, 1.0))
+    opcheck(_ppo_policy_op, (x, old, adv, mask.float(), 0.2, 0.28, 3.0, "seq-mean-token-mean", 11.0, True, 1.0))
+    opcheck(_ppo_policy_op, (x.detach(), old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum-norm", 4.0, False, 1.0))
     opcheck(_ppo_policy_op, (x, old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum", 11.0, True, 0.125))
     opcheck = torch.library.opcheck
     for go in (1.0, 1.5):
@@ -448,7 +448,7 @@ def test_custom_ops_and_eager_path_agree_bitwise():
     logp, old, adv, mask = _policy_case(4, 19, seed=10)
     go = torch.tensor(1.3, device=DEVICE)
     x1, x2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    op_loss, op_stats, _ = _ppo_policy_op(x1, old, adv, mask, 0.2, 0.28, 3.0, "seq-mean-token-mean", 19.0, True)
+    op_loss, op_stats, _ = _ppo_policy_op(x1, old, adv, mask, 0.2, 0.28, 3.0, "seq-mean-token-mean", 19.0, True, 1.0)
     (g1,) = torch.autograd.grad(op_loss, x1, go)
     loss, stats = rlhf_fast.ppo_policy_loss(
         x2, old, adv, mask, clip_eps_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean", backend="triton"
@@ -460,7 +460,7 @@ def test_custom_ops_and_eager_path_agree_bitwise():
 
     values, old_values, returns, vmask = _value_case(4, 19, seed=10)
     v1, v2 = values.clone().requires_grad_(), values.clone().requires_grad_()
-    op_loss, op_stats, _ = _ppo_value_op(v1, old_values, returns, vmask, 0.2, "token-mean", 19.0, True)
+    op_loss, op_stats, _ = _ppo_value_op(v1, old_values, returns, vmask, 0.2, "token-mean", 19.0, True, 1.0)
     (g1,) = torch.autograd.grad(op_loss, v1, go)
     loss, stats = rlhf_fast.ppo_value_loss(v2, old_values, returns, vmask, backend="triton")
     (g2,) = torch.autograd.grad(loss, v2, go)
@@ -577,8 +577,8 @@ def test_value_loss_float_mask_bf16_horizon_and_empty():
 def test_value_loss_opcheck_compile_and_bad_inputs():
     values, old_values, returns, mask = _value_case(3, 10, seed=3)
     x = values.clone().requires_grad_()
-    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.2, "token-mean", 10.0, True))
-    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.1, "seq-mean-token-mean", 10.0, True))
+    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.2, "token-mean", 10.0, True, 1.0))
+    _opcheck_loss_op(_ppo_value_op, (x, old_values, returns, mask, 0.1, "seq-mean-token-mean", 10.0, True, 0.5))
 
     compiled = torch.compile(lambda a, b, c, d: rlhf_fast.ppo_value_loss(a, b, c, d, backend="triton"), fullgraph=True)
     loss, _ = compiled(x, old_values, returns, mask)
