@@ -1098,7 +1098,7 @@ def _run(args) -> int:
         _restore_sigterm(previous_term)
         progress.close()
 
-    print_summary(results, cuda, meta["device"], [interrupted] if interrupted else [])
+    print_summary(results, cuda, meta["device"], _lead_notes(interrupted))
 
     written, plot_msg, failures = _write_report(
         stem, meta, bandwidth, bw_how, results, cuda, partial=interrupted, with_plots=True
@@ -1184,7 +1184,7 @@ def _merge(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{meta['device_slug']}-{meta['date']}"
-    print_summary(results, cuda, meta["device"], [f"partial run: {p}" for p in partial] + differ)
+    print_summary(results, cuda, meta["device"], _lead_notes("; ".join(partial), differ))
     written, plot_msg, failures = _write_report(
         stem, meta, bandwidth, bw_how, results, cuda, partial="; ".join(partial), with_plots=True, extra_notes=differ
     )
@@ -1214,6 +1214,11 @@ def _raise_interrupt_on_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _lead_notes(partial: str = "", extra_notes=()) -> list[str]:
+    """The notes printed and written before the cases' own: why the run is partial, then extra_notes."""
+    return ([f"partial run: {partial}"] if partial else []) + list(extra_notes)
 
 
 def print_summary(results: list, cuda: bool, device_name: str, lead_notes: list[str]) -> None:
@@ -1246,9 +1251,7 @@ def _write_report(stem: Path, meta, bandwidth, bw_how, results, cuda, partial=""
     plot message, number of failed cases). partial: why the run is incomplete, "" when it is not;
     extra_notes: lines put first in the Notes (and in the JSON's "notes")."""
     table, notes, targets_md, target_rows = _summaries(results, cuda)
-    notes = list(extra_notes) + notes
-    if partial:
-        notes.insert(0, f"partial run: {partial}")
+    notes = _lead_notes(partial, extra_notes) + notes
     data = to_json(meta, bandwidth, bw_how, results)
     if partial:
         data["partial"] = partial
