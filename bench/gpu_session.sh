@@ -52,17 +52,24 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; date -u +%F;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/device.txt"
 
-# pytest_in_time_left LOG ARGS...: the copied tests/ (minus the cluster file, run first) with
-# ARGS, bounded by what remains of the device command's 10 minutes (counted from the script's
-# start, 30 s kept for the copy back); skipped, saying so in LOG, when under 30 s remain.
-pytest_in_time_left() {
-  local log=$1
-  shift
-  local left=$((570 - SECONDS))
+# time_for WHAT LOG: prints the seconds left for one more stage of the device command's 10 minutes
+# (counted from the script's start; 40 s kept for the kill grace and the copy back of $OUT). Under
+# 30 s left: says so (on stderr and in LOG) and fails, so the caller skips the stage.
+time_for() {
+  local left=$((560 - SECONDS))
   if [ "$left" -lt 30 ]; then
-    echo "no time left for: pytest $* ($SECONDS s used)" | tee "$log"
-    return 0
+    echo "no time left for $1 ($SECONDS s used)" | tee "$2" >&2
+    return 1
   fi
+  echo "$left"
+}
+
+# pytest_in_time_left LOG ARGS...: the copied tests/ (minus the cluster file, run first) with
+# ARGS, bounded by what remains of the command (time_for).
+pytest_in_time_left() {
+  local log=$1 left
+  shift
+  left=$(time_for "pytest $*" "$log") || return 0
   timeout -k 15 "$left" python3 -m pytest tests -v -p no:cacheprovider "$@" \
     --ignore=tests/test_ppo_from_logits_cluster.py 2>&1 | tee "$log" | tail -30
 }
@@ -136,14 +143,6 @@ install_if_fresh() {
   export PYTHONPATH="$site:${PYTHONPATH:-}"
 }
 
-# seconds_left: what remains of the command's 10 minutes for one more stage (30 s kept for the
-# copy back of $OUT); 0 when under 30 s are left.
-seconds_left() {
-  local left=$((560 - SECONDS))
-  [ "$left" -lt 30 ] && left=0
-  echo "$left"
-}
-
 report() {
   install_if_fresh || return 1
   local ops=${1:-}
@@ -151,8 +150,7 @@ report() {
   # Bounded by the device command's 10 minutes: on SIGINT the bench stops after the case in
   # progress and still prints and writes what it has (it also rewrites its JSON after each case).
   local left
-  left=$(seconds_left)
-  [ "$left" -eq 0 ] && { echo "no time left for report $ops ($SECONDS s used)" | tee "$OUT/bench$tag.log"; return 0; }
+  left=$(time_for "report $ops" "$OUT/bench$tag.log") || return 0
   (cd /tmp && timeout -s INT -k 30 "$left" python3 -m rlhf_fast.bench --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
     | tee "$OUT/bench$tag.log" | tail -60
 }
@@ -163,8 +161,7 @@ suites() {
   rm -rf /tmp/rlhf_bench && mkdir -p /tmp/rlhf_bench && cp -r bench /tmp/rlhf_bench/
   # SIGINT before the 10 minutes are up: pytest-benchmark still writes the rounds it has.
   local left
-  left=$(seconds_left)
-  [ "$left" -eq 0 ] && { echo "no time left for suites ($SECONDS s used)" | tee "$OUT/pytest-bench.log"; return 0; }
+  left=$(time_for suites "$OUT/pytest-bench.log") || return 0
   (cd /tmp/rlhf_bench && timeout -s INT -k 30 "$left" python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/pytest-benchmark.json" --benchmark-columns=min,median,max --benchmark-sort=name 2>&1) \
     | tee "$OUT/pytest-bench.log" | tail -60
@@ -173,8 +170,7 @@ suites() {
 profile() {
   install_if_fresh || return 1
   local ops=${1:-} left repo=$PWD
-  left=$(seconds_left)
-  [ "$left" -eq 0 ] && { echo "no time left for profile ($SECONDS s used)" | tee "$OUT/profile.log"; return 0; }
+  left=$(time_for profile "$OUT/profile.log") || return 0
   (cd /tmp && timeout -s INT -k 15 "$left" python3 "$repo/bench/profile_gpu.py" --out "$OUT" ${ops:+--ops "$ops"} 2>&1) \
     | tail -40
 }
@@ -183,8 +179,7 @@ tune() {
   install_if_fresh || return 1
   # From /tmp so the installed package (with its _C) is imported, not the source tree.
   local left repo=$PWD
-  left=$(seconds_left)
-  [ "$left" -eq 0 ] && { echo "no time left for tune ($SECONDS s used)" | tee "$OUT/tune.log"; return 0; }
+  left=$(time_for tune "$OUT/tune.log") || return 0
   (cd /tmp && timeout -k 15 "$left" python3 "$repo/bench/tune_gpu.py" --out "$OUT" 2>&1) \
     | tee "$OUT/tune.log" | tail -60
 }
