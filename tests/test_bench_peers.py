@@ -17,7 +17,7 @@ import torch
 from conftest import DEVICE
 
 from rlhf_fast import _bench_cases as cases
-from rlhf_fast.bench import make_step
+from rlhf_fast.bench import _leaves, make_step
 
 pytest.importorskip("liger_kernel")
 
@@ -28,13 +28,6 @@ def _inputs(key, shape, dtype=torch.float32):
     return cases.SPECS[key].make_inputs(shape, dtype, torch.device(DEVICE), gen)
 
 
-def _leaves(inp, names):
-    out = dict(inp)
-    for name in names:
-        out[name] = inp[name].detach().requires_grad_(True)
-    return out
-
-
 def test_liger_cross_entropy_is_the_negated_token_logprob():
     spec = cases.SPECS["logprobs"]
     inp = _inputs("logprobs", (24, 1271))
@@ -43,7 +36,7 @@ def test_liger_cross_entropy_is_the_negated_token_logprob():
     want_grad = torch.func.grad(
         lambda x: (torch.log_softmax(x, -1).gather(-1, inp["labels"][:, None])[:, 0] * inp["grad_logp"]).sum()
     )(inp["logits"].float())
-    leaves = _leaves(inp, spec.grad_inputs)
+    leaves = _leaves(spec, inp, "fwd+bwd")
     (logp,), (grad,) = make_step(spec, spec.gpu_peers["liger"](), leaves, "fwd+bwd")()
     torch.testing.assert_close(logp.float(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.float(), want_grad, atol=1e-5, rtol=1e-5)
@@ -52,8 +45,8 @@ def test_liger_cross_entropy_is_the_negated_token_logprob():
 def test_liger_fused_linear_cross_entropy_is_the_mean_nll():
     spec = cases.SPECS["linear_logprobs"]
     inp = _inputs("linear_logprobs", (40, 16, 300))
-    want, (want_h, want_w) = make_step(spec, cases._eager_linear, _leaves(inp, spec.grad_inputs), "fwd+bwd")()
-    got, (got_h, got_w) = make_step(spec, spec.gpu_peers["liger"](), _leaves(inp, spec.grad_inputs), "fwd+bwd")()
+    want, (want_h, want_w) = make_step(spec, cases._eager_linear, _leaves(spec, inp, "fwd+bwd"), "fwd+bwd")()
+    got, (got_h, got_w) = make_step(spec, spec.gpu_peers["liger"](), _leaves(spec, inp, "fwd+bwd"), "fwd+bwd")()
     torch.testing.assert_close(got[0].float(), want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_h.float(), want_h, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_w.float(), want_w, atol=1e-5, rtol=1e-4)
@@ -83,7 +76,7 @@ def test_liger_grpo_is_the_clipped_k3_loss_with_a_sequence_advantage():
     want_grad = torch.func.grad(eager)(logits)
 
     peer = spec.gpu_peers["liger"]()
-    leaves = _leaves(inp, spec.grad_inputs)
+    leaves = _leaves(spec, inp, "fwd+bwd")
     (loss,), (grad,) = make_step(spec, peer, leaves, "fwd+bwd")()
     assert grad.shape == (B, T + 1, V)
     torch.testing.assert_close(loss.float(), want, atol=1e-5, rtol=1e-5)

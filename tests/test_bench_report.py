@@ -341,7 +341,7 @@ def test_inplace_backward_peer_gives_the_reference_gradient(monkeypatch):
     x = inp["logits"].clone().requires_grad_(True)
     want = ref.logprobs(x, inp["labels"])
     (want_grad,) = torch.autograd.grad(want, x, inp["grad_logp"])
-    leaves = dict(inp, logits=inp["logits"].detach().requires_grad_(True))
+    leaves = bench._leaves(spec, inp, "fwd+bwd")
     storage = leaves["logits"].data_ptr()
     (logp,), (grad,) = bench.make_step(spec, spec.gpu_peers["inplace"](), leaves, "fwd+bwd")()
     torch.testing.assert_close(logp, want.detach(), atol=1e-5, rtol=1e-5)
