@@ -14,7 +14,8 @@
 #   report            every op (longer than one command allows: use two report=OPS calls)
 #   suites            the pytest-benchmark suites (--benchmark-json in $OUT)
 #   tune              bench/tune_gpu.py: row width / warps, cluster size and the per-token PPO tile,
-#                     each timed and checked (tune.json in $OUT)
+#                     each timed and checked (tune.json in $OUT); tune=SECTIONS runs a subset
+#                     (comma-separated: rows, cluster, ppo_tile, ppo_count)
 #   profile[=OPS]     bench/profile_gpu.py: torch.profiler kernel tables of rlhf_fast's step for each
 #                     case an issue target reads, beside its floor (profile.txt): where the time goes
 # Order that gets the issues' targets first (one device call per line; estimates from a review of
@@ -175,17 +176,17 @@ profile() {
     | tail -40
 }
 
-tune() {
+tune() {  # tune [SECTIONS]: all of bench/tune_gpu.py's sections when empty
   install_if_fresh || return 1
   # From /tmp so the installed package (with its _C) is imported, not the source tree.
-  local left repo=$PWD
+  local left repo=$PWD sections=(${1:+--sections "$1"})
   left=$(time_for tune "$OUT/tune.log") || return 0
-  (cd /tmp && timeout -k 15 "$left" python3 "$repo/bench/tune_gpu.py" --out "$OUT" 2>&1) \
+  (cd /tmp && timeout -k 15 "$left" python3 "$repo/bench/tune_gpu.py" --out "$OUT" "${sections[@]}" 2>&1) \
     | tee "$OUT/tune.log" | tail -60
 }
 
 usage() {
-  echo "usage: $0 STAGE [STAGE ...]  with STAGE one of: build, report, report=OPS, suites, tune, profile, profile=OPS" >&2
+  echo "usage: $0 STAGE [STAGE ...]  with STAGE one of: build, report, report=OPS, suites, tune, tune=SECTIONS, profile, profile=OPS" >&2
   echo "       $0 report OPS" >&2
 }
 
@@ -196,7 +197,7 @@ fi
 [ $# -eq 0 ] && set -- build
 for stage in "$@"; do
   case "$stage" in
-    build|report|report=*|suites|tune|profile|profile=*) ;;
+    build|report|report=*|suites|tune|tune=*|profile|profile=*) ;;
     *) usage; exit 2 ;;
   esac
 done
@@ -220,7 +221,8 @@ for stage in "$@"; do
     report) report "" ;;
     report=*) report "${stage#report=}" ;;
     suites) suites ;;
-    tune) tune ;;
+    tune) tune "" ;;
+    tune=*) tune "${stage#tune=}" ;;
     profile) profile "" ;;
     profile=*) profile "${stage#profile=}" ;;
   esac

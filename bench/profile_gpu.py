@@ -33,14 +33,20 @@ STEPS = 3
 
 
 def target_cases(small: bool, ops: list[str] | None) -> list[_bench_cases.Case]:
-    """The cases the issue targets read (GPU), or the CPU quick list (small), limited to ops."""
+    """The cases the issue targets read (GPU), or the CPU quick list (small), limited to ops. Named
+    ops without a target case (linear_logprobs) get their report cases instead (no sweep points)."""
     if small:
         cases = _bench_cases.cpu_cases(torch.float32, True)
-    else:
-        keys = {(t.op, t.shape, t.mode, t.dtype) for t in _bench_targets.TARGETS}
-        keys |= {(t.versus, t.shape, t.mode, t.dtype) for t in _bench_targets.TARGETS if t.versus}
-        cases = [c for c in _bench_cases.gpu_cases(torch.bfloat16, True) if (c.op, c.shape, c.mode, c.dtype) in keys]
-    return _bench_cases.select(cases, ops) if ops else cases
+        return _bench_cases.select(cases, ops) if ops else cases
+    every = [c for c in _bench_cases.gpu_cases(torch.bfloat16, True) if not c.sweep]
+    keys = {(t.op, t.shape, t.mode, t.dtype) for t in _bench_targets.TARGETS}
+    keys |= {(t.versus, t.shape, t.mode, t.dtype) for t in _bench_targets.TARGETS if t.versus}
+    cases = [c for c in every if (c.op, c.shape, c.mode, c.dtype) in keys]
+    if not ops:
+        return cases
+    chosen = _bench_cases.select(cases, ops)
+    covered = {c.op for c in chosen}
+    return chosen + [c for c in _bench_cases.select(every, ops) if c.op not in covered]
 
 
 def kernel_table(prof, cuda: bool, rows: int = 15) -> str:

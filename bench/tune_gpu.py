@@ -44,6 +44,9 @@ from rlhf_fast.bench import Timer, copy_bandwidth
 
 ROW_CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
 PPO_TILES = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
+# (_COUNT_TILE, _COUNT_WARPS) of the per-token PPO mask row-sum kernel, timed inside the whole step
+PPO_COUNT_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))
+SECTIONS = ("rows", "cluster", "ppo_tile", "ppo_count")
 CLUSTER_MODES = ("auto", "0", "1", "2", "4", "8")
 
 
@@ -64,14 +67,19 @@ def row_config_override(block: int, warps: int):
 
 
 @contextlib.contextmanager
-def ppo_tile_override(tile: int, warps: int):
-    saved = (ppo_kernels._TILE, ppo_kernels._WARPS)
-    ppo_kernels._TILE, ppo_kernels._WARPS = tile, warps
+def ppo_tile_override(tile: int, warps: int, count_tile: int | None = None, count_warps: int | None = None):
+    """The per-token PPO kernels launch with these tiles while inside (None: the current one)."""
+    names = ("_TILE", "_WARPS", "_COUNT_TILE", "_COUNT_WARPS")
+    saved = [getattr(ppo_kernels, n) for n in names]
+    for name, value in zip(names, (tile, warps, count_tile, count_warps)):
+        if value is not None:
+            setattr(ppo_kernels, name, value)
     ppo_kernels._tile_config.cache_clear()
     try:
         yield
     finally:
-        ppo_kernels._TILE, ppo_kernels._WARPS = saved
+        for name, value in zip(names, saved):
+            setattr(ppo_kernels, name, value)
         ppo_kernels._tile_config.cache_clear()
 
 
@@ -137,7 +145,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU dry run)")
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
     args = ap.parse_args(argv)
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown sections {unknown}; choose from {SECTIONS}")
     small = args.small or not HAS_CUDA
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     # Inputs are drawn on the device: ~5e9 values drawn on the host would cost about a minute.
@@ -151,6 +166,7 @@ def main(argv=None) -> int:
         "rows": [],
         "cluster": [],
         "ppo_tile": [],
+        "ppo_count": [],
     }
 
     def record(section, label, fn, floor_bytes, reference):
@@ -178,7 +194,7 @@ def main(argv=None) -> int:
 
     # 1. log-prob rows
     row_shapes = ((8, 1271),) if small else ((16384, 128256), (16384, 32000))
-    for N, V in row_shapes:
+    for N, V in row_shapes if "rows" in sections else ():
         logits, labels = _logprob_inputs(N, V, device, gen)
         fwd, fwd_bwd = _logprob_steps(logits, labels)
         bytes_fwd, bytes_fwd_bwd = logits.numel() * 2, 3 * logits.numel() * 2
@@ -190,29 +206,39 @@ def main(argv=None) -> int:
         del logits, labels, fwd, fwd_bwd, ref_fwd, ref_bwd
 
     # 2. cluster size of ppo_loss_from_logits (CUDA only: off a GPU every mode is the Triton rows)
-    B, T, V = (2, 8, 1271) if small else (8, 2048, 128256)
-    step, floor, probe = _ppo_from_logits_step(B, T, V, device, gen)
-    with pfl_kernels.cluster_mode("0"):
-        ref_grad = step()
-    for mode in CLUSTER_MODES:
-        with pfl_kernels.cluster_mode(mode):
-            runs = pfl_kernels.cluster_size(probe, probe)  # a forced size that cannot run falls back
-            record("cluster", f"ppo_loss_from_logits {B}x{T}x{V} cluster={mode} (runs {runs})", step, floor, ref_grad)
-    del step, ref_grad
+    if "cluster" in sections:
+        B, T, V = (2, 8, 1271) if small else (8, 2048, 128256)
+        step, floor, probe = _ppo_from_logits_step(B, T, V, device, gen)
+        with pfl_kernels.cluster_mode("0"):
+            ref_grad = step()
+        for mode in CLUSTER_MODES:
+            with pfl_kernels.cluster_mode(mode):
+                runs = pfl_kernels.cluster_size(probe, probe)  # a forced size that cannot run falls back
+                label = f"ppo_loss_from_logits {B}x{T}x{V} cluster={mode} (runs {runs})"
+                record("cluster", label, step, floor, ref_grad)
+        del step, ref_grad
 
-    # 3. per-token PPO tiles
-    B, T = (16, 300) if small else (1024, 8192)
-    step, floor = _ppo_policy_step(B, T, device, gen)
-    ref_grad = step()
-    for tile, warps in PPO_TILES:
-        with ppo_tile_override(tile, warps):
-            record("ppo_tile", f"ppo_policy_loss {B}x{T} tile={tile} warps={warps}", step, floor, ref_grad)
+    # 3. per-token PPO tiles, then (at the best forward tile of 3) the mask row-sum kernel's tile
+    if "ppo_tile" in sections or "ppo_count" in sections:
+        B, T = (16, 300) if small else (1024, 8192)
+        step, floor = _ppo_policy_step(B, T, device, gen)
+        ref_grad = step()
+        for tile, warps in PPO_TILES if "ppo_tile" in sections else ():
+            with ppo_tile_override(tile, warps):
+                record("ppo_tile", f"ppo_policy_loss {B}x{T} tile={tile} warps={warps}", step, floor, ref_grad)
+        timed = [e for e in results["ppo_tile"] if "ms" in e]
+        best = min(timed, key=lambda e: e["ms"])["config"] if timed else None
+        tile, warps = (int(best.split("tile=")[1].split()[0]), int(best.split("warps=")[1])) if best else (None, None)
+        for count_tile, count_warps in PPO_COUNT_TILES if "ppo_count" in sections else ():
+            with ppo_tile_override(tile, warps, count_tile, count_warps):
+                label = f"ppo_policy_loss {B}x{T} tile={ppo_kernels._TILE} count={count_tile}/{count_warps}w"
+                record("ppo_count", label, step, floor, ref_grad)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out_dir / 'tune.json'}")
-    errors = [e for sec in ("rows", "cluster", "ppo_tile") for e in results[sec] if "error" in e]
+    errors = [e for sec in SECTIONS for e in results[sec] if "error" in e]
     return 1 if errors and small else 0
 
 

@@ -220,6 +220,11 @@ def _setup_context(ctx, inputs, output):
     ctx.write_grad = inputs[-1]
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(logp, ent, grad, stats)
+    # Autograd otherwise hands backward a zeros_like() of every output that got no gradient,
+    # non-differentiable ones included: a memset of a [B, T, V] buffer (the saved gradient's
+    # size: +1 write of the logits' bytes and +1 [N, V] buffer in every step, seen on an H100).
+    # backward reads only grad_loss, so None for the rest is fine.
+    ctx.set_materialize_grads(False)
     ctx.grad_consumed = False
 
 
@@ -235,7 +240,7 @@ def _backward(ctx, grad_loss, *unused_grads):
     # Only the logits get a gradient: old_logprobs, advantages, weights, mask and ref_logprobs are
     # targets (detached), the floats are hyper-parameters.
     no_input_grads = (None,) * 16
-    if not ctx.write_grad:  # the logits did not require grad
+    if not ctx.write_grad or grad_loss is None:  # no logits gradient wanted / none reached loss
         return (None,) + no_input_grads
     # Eager guard, checked before saved_tensors (which a second backward can no longer read: the
     # first one scaled the saved gradient in place). Under torch.compile this Python runs once, at
@@ -274,6 +279,7 @@ class _InplaceBackward(torch.autograd.Function):
         loss, logp, ent, stats = _fwd_inplace_op(logits, *args)
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(logp, ent, stats)
+        ctx.set_materialize_grads(False)  # no zeros for the outputs without a gradient
         ctx.grad_consumed = False
         ctx.n_args = len(args)
         return loss, logp, ent, stats
@@ -282,6 +288,8 @@ class _InplaceBackward(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         if ctx.grad_consumed:
             raise RuntimeError(_BACKWARD_TWICE)
+        if grad_loss is None:  # nothing reached the loss (materialize_grads is off)
+            return (None,) * (1 + ctx.n_args)
         ctx.grad_consumed = True
         (grad,) = ctx.saved_tensors
         _scale_grad_op(grad, grad_loss)
