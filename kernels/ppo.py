@@ -78,9 +78,11 @@ VALUE_STATS = ("vf_clipfrac", "vpred_mean")
 _N_SUMS = {POLICY: 5, VALUE: 3}  # loss + the mean stats
 _HAS_MAX = {POLICY: True, VALUE: False}
 
-# Forward tiles: 2048 elements per program, 8 warps: 8 elements of each of the 4 inputs per thread
-# in flight (128-bit loads for fp32) with room in registers for the ~10 live fp32 temporaries.
-_TILE = 2048
+# Forward tiles: 4096 elements per program, 8 warps: 16 elements of each of the 4 inputs per thread
+# in flight (128-bit loads for fp32). Tuned on an H100 (bench/tune_gpu.py, 2026-11-23, the
+# [1024, 8192] fp32 step): 1024/4w 0.109 ms, 2048/4w 0.091, 2048/8w 0.089, 4096/8w 0.086,
+# 4096/16w 0.089. The mask row-sum tile (_COUNT_*) made no difference there (0.084-0.085 ms).
+_TILE = 4096
 _WARPS = 8
 # Mask row sums: 8192 elements per loop iteration (8 KB of a bool mask, 32 KB of a float one).
 _COUNT_TILE = 8192

@@ -66,7 +66,7 @@ def test_leading_dims_ignore_rows_and_logp_only_grads():
     assert logp.shape == (2, 5)
     _close(logp, ref, torch.float32)
     assert logp[0, 1] == 0 and logp[1, 4] == 0
-    go = torch.randn(2, 5)
+    go = torch.randn(2, 5, device=DEVICE)
     gh, gw = torch.autograd.grad((logp * go).sum(), (h, w))
     rgh, rgw = torch.autograd.grad((ref * go).sum(), (rh, rw))
     _close(gh, rgh, torch.float32)
@@ -121,28 +121,31 @@ def test_entropy_only_gradient_and_empty_input():
     _close(gw, rgw, torch.float32)
 
     h0 = torch.randn(0, 16, device=DEVICE, requires_grad=True)
-    out = rlhf_fast.linear_logprobs(h0, weight, labels[:0], backend="triton")
+    w0 = weight.clone().requires_grad_(True)
+    out = rlhf_fast.linear_logprobs(h0, w0, labels[:0], backend="triton")
     assert out.shape == (0,)
     out.sum().backward()
     assert h0.grad.shape == (0, 16)
+    # No chunk runs, so nothing initialises the fp32 accumulator: it must come back zero.
+    assert torch.equal(w0.grad, torch.zeros_like(w0))
 
 
 def test_bad_inputs_raise():
     hidden, weight, _, labels = _inputs((3, 4), 8, 21, torch.float32)
     with pytest.raises(ValueError, match="weight shape"):
-        rlhf_fast.linear_logprobs(hidden, torch.randn(21, 9), labels, backend="triton")
+        rlhf_fast.linear_logprobs(hidden, torch.randn(21, 9, device=DEVICE), labels, backend="triton")
     with pytest.raises(ValueError, match="vocabulary"):
         rlhf_fast.linear_logprobs(hidden, weight[:0], labels, backend="triton")
     with pytest.raises(ValueError, match="labels shape"):
         rlhf_fast.linear_logprobs(hidden, weight, labels[:, :2], backend="triton")
     with pytest.raises(ValueError, match="bias shape"):
-        rlhf_fast.linear_logprobs(hidden, weight, labels, bias=torch.randn(20), backend="triton")
+        rlhf_fast.linear_logprobs(hidden, weight, labels, bias=torch.randn(20, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="labels"):
         rlhf_fast.linear_logprobs(hidden, weight, labels.float(), backend="triton")
     with pytest.raises(ValueError, match="temperature"):
         rlhf_fast.linear_logprobs(hidden, weight, labels, temperature=0.0, backend="triton")
     with pytest.raises(TypeError, match="hidden"):
-        rlhf_fast.linear_logprobs(hidden.numpy(), weight, labels)
+        rlhf_fast.linear_logprobs(hidden.cpu().numpy(), weight, labels)
     with pytest.raises(ValueError, match="backend"):
         rlhf_fast.linear_logprobs(hidden, weight, labels, backend="nope")
 
