@@ -170,7 +170,9 @@ def _linear_logprobs_bwd(
                 # bf16/fp16 GEMM that adds into the fp32 accumulator in its epilogue. A separate
                 # `grad_weight += mm(...)` costs a read + write of the fp32 [V, H] buffer per chunk:
                 # 50 of 114 ms per step at 8192 x 4096 x 151936 on an H100.
-                torch.addmm(grad_weight, grad_logits_c.t(), hidden_c, beta=beta, out_dtype=torch.float32, out=grad_weight)
+                torch.addmm(
+                    grad_weight, grad_logits_c.t(), hidden_c, beta=beta, out_dtype=torch.float32, out=grad_weight
+                )
             else:
                 # CPU has no out_dtype GEMM: low-precision matmul, summed across chunks in fp32.
                 product = torch.mm(grad_logits_c.t(), hidden_c)
