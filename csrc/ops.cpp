@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "error_format.h"
 #include "scan_common.h"
 
 #include <cmath>
@@ -25,13 +26,13 @@ bool is_value_dtype(at::ScalarType t) {
 void check_data(const char* op, const char* name, const at::Tensor& t, const at::Tensor& rewards,
                 c10::DeviceType device_type) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [B, T], got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [B, T], got shape ", fmt_shape(t.sizes()));
   TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type), " tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == rewards.device(), op, ": ", name, " is on ", t.device(),
-              " but rewards is on ", rewards.device());
-  TORCH_CHECK(t.sizes() == rewards.sizes(), op, ": ", name, " shape ", t.sizes(),
-              " does not match rewards shape ", rewards.sizes());
+              c10::DeviceTypeName(device_type), " tensor, got one on ", fmt_device(t.device()));
+  TORCH_CHECK(t.device() == rewards.device(), op, ": ", name, " is on ", fmt_device(t.device()),
+              " but rewards is on ", fmt_device(rewards.device()));
+  TORCH_CHECK(t.sizes() == rewards.sizes(), op, ": ", name, " shape ", fmt_shape(t.sizes()),
+              " does not match rewards shape ", fmt_shape(rewards.sizes()));
 }
 
 }  // namespace
@@ -52,9 +53,9 @@ void check_scan_args(const char* op, const at::Tensor& rewards, const at::Tensor
   TORCH_CHECK(!at::isComplexType(mask.scalar_type()), op, ": mask must be bool, integer or float, got ",
               mask.scalar_type());
   TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, op,
-              ": gamma must be a finite number in [0, 1], got ", gamma);
+              ": gamma must be a finite number in [0, 1], got ", fmt_float(gamma));
   TORCH_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, op,
-              ": lam must be a finite number in [0, 1], got ", lam);
+              ": lam must be a finite number in [0, 1], got ", fmt_float(lam));
 }
 
 // Mask as one of the dtypes the kernels read directly: bool/uint8 (one byte) or float32.

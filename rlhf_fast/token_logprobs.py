@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
@@ -137,7 +138,13 @@ def _(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore
 
 
 def _grad_logits(ctx, grad_logp, grad_entropy, logits, labels, lse, ent):
-    if ctx.inplace_backward:
+    # Under torch.compile the in-place op is not used: inductor (2.11 and 2.13) may pad the saved
+    # logits' row stride (comprehensive padding, on GPU by default: 1271 -> 1280) and then hands
+    # the functionalized mutation a dense (V, 1) view of that padded buffer, so the kernel reads
+    # and writes the wrong elements (wrong gradients on an H100, 2026-11-23; reproduced on CPU by
+    # forcing the padding). The functional op costs a second [N, V] buffer there, which is what
+    # the compiled in-place path cost in time anyway (a self-copy of the logits).
+    if ctx.inplace_backward and not (torch.compiler.is_compiling() or is_fake(logits)):
         torch.ops.rlhf_fast.logprobs_bwd_(
             grad_logp, grad_entropy, logits, labels, lse, ent, ctx.temperature, ctx.ignore_index
         )
@@ -349,8 +356,8 @@ def logprobs(
         inplace_backward: write the gradient into ``logits``' own storage instead of a new
             [..., V] tensor (default False). ``logits`` is clobbered by the backward, so nothing
             else may need its values afterwards (e.g. a softcap/tanh that saved its output).
-            Under torch.compile the memory saving holds but inductor adds a self-copy of the
-            logits (1 read + 1 write) before the in-place backward (see ``logprobs_bwd_``).
+            Under torch.compile it has no effect: the gradient gets its own buffer (inductor
+            mis-addresses in-place writes to a padded saved tensor; see ``_grad_logits``).
         backend: None/"auto", "triton" or "reference" (see ``rlhf_fast._backend``).
 
     Returns:

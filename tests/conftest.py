@@ -7,6 +7,12 @@ torch.cuda.is_available() only asks the driver whether a device exists.
 
 import os
 
+# torch.compile's on-disk caches (FX graph / AOTAutograd) key a compiled backward on its graph,
+# not on rlhf_fast's Python autograd code: after a change there, a warm cache replays the old
+# graph and a compile test can pass or fail for code that no longer exists (seen 2026-11-23).
+# Read when torch._inductor.config is imported, hence before torch.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()

@@ -613,6 +613,15 @@ def test_torch_compile_inplace_backward():
     torch.compile(fn, fullgraph=True)(x2).backward()
     torch.testing.assert_close(x2.grad, x1.grad)
 
+    # Inductor pads the saved logits' row stride on GPUs (1271 -> 1280 floats); an in-place
+    # backward under compile then wrote through a dense view of the padded buffer (wrong
+    # gradients on an H100). Forcing the padding reproduces that layout on CPU too.
+    torch._dynamo.reset()
+    x3 = base.clone().requires_grad_(True)
+    with torch._inductor.config.patch(comprehensive_padding=True, disable_padding_cpu=False):
+        torch.compile(fn, fullgraph=True)(x3).backward()
+    torch.testing.assert_close(x3.grad, x1.grad)
+
 
 def test_module_registers_backends():
     from rlhf_fast._backend import OPS

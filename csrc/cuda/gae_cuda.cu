@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../error_format.h"
 #include "../scan_common.h"
 
 #include <cstdint>
@@ -365,7 +366,7 @@ void with_launch_config(int group_threads, bool aligned, const Fn& launch) {
 int64_t grid_for(int64_t B, int group_threads) {
   const int64_t groups_per_block = kBlockThreads / group_threads;
   const int64_t blocks = (B + groups_per_block - 1) / groups_per_block;
-  TORCH_CHECK(blocks <= int64_t{2147483647}, "rlhf_fast: too many rows (", B, ") for one launch");
+  TORCH_CHECK(blocks <= int64_t{2147483647}, "rlhf_fast: too many rows (", fmt_int(B), ") for one launch");
   return blocks;
 }
 

@@ -39,6 +39,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../error_format.h"
+
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -622,11 +624,11 @@ int64_t ppo_rows_cluster_size(int64_t V, int64_t elem_size, int64_t device) {
 namespace {
 
 void check_vector(const char* name, const at::Tensor& t, int64_t n, const at::Tensor& logits, at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == logits.device(), "rlhf_fast::ppo_from_logits_rows: ", name, " is on ", t.device(),
-              " but logits is on ", logits.device());
+  TORCH_CHECK(t.device() == logits.device(), "rlhf_fast::ppo_from_logits_rows: ", name, " is on ", fmt_device(t.device()),
+              " but logits is on ", fmt_device(logits.device()));
   TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.numel() == n, "rlhf_fast::ppo_from_logits_rows: ",
-              name, " must be a contiguous ", dtype, " tensor of ", n, " elements, got ", t.scalar_type(), " ",
-              t.sizes());
+              name, " must be a contiguous ", dtype, " tensor of ", fmt_int(n), " elements, got ", t.scalar_type(), " ",
+              fmt_shape(t.sizes()));
 }
 
 bool aligned16(const at::Tensor& t) {
@@ -644,7 +646,7 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
                                int64_t cluster) {
   const char* op = "rlhf_fast::ppo_from_logits_rows";
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 3, op, ": logits must be a 3-D [B, T, V] CUDA tensor, got ",
-              logits.sizes(), " on ", logits.device());
+              fmt_shape(logits.sizes()), " on ", fmt_device(logits.device()));
   TORCH_CHECK(grad.device() == logits.device() && grad.sizes() == logits.sizes() &&
                   grad.scalar_type() == logits.scalar_type(),
               op, ": grad must match logits in shape, dtype and device");
@@ -652,10 +654,10 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
   TORCH_CHECK(aligned16(logits) && aligned16(grad), op,
               ": logits and grad rows must be 16-byte aligned (base pointer, row strides, V * element size)");
   TORCH_CHECK(kl_kind >= kKlNone && kl_kind <= kKlMaxCode && kl_kind != kKlK2 + kKlStOffset, op,
-              ": kl_kind must be a code 0..5, 7 or 8, got ", kl_kind);
+              ": kl_kind must be a code 0..5, 7 or 8, got ", fmt_int(kl_kind));
   TORCH_CHECK(kl_kind == kKlNone || ref_logprobs.has_value(), op, ": kl_kind != 0 needs ref_logprobs");
   TORCH_CHECK(cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8, op, ": cluster must be 1, 2, 4 or 8, got ",
-              cluster);
+              fmt_int(cluster));
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const int64_t N = B * T;
   check_vector("labels", labels, N, logits, at::kLong);
@@ -666,15 +668,15 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
   check_vector("entropy", entropy, N, logits, at::kFloat);
   if (ref_logprobs.has_value()) check_vector("ref_logprobs", *ref_logprobs, N, logits, at::kFloat);
   if (N == 0 || V == 0) return;
-  TORCH_CHECK(N * cluster <= int64_t{2147483647}, op, ": too many rows (", N, ") for one launch");
+  TORCH_CHECK(N * cluster <= int64_t{2147483647}, op, ": too many rows (", fmt_int(N), ") for one launch");
 
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t elem = logits.element_size();
   const int64_t n_vec = V * elem / kVecBytes;
   const int64_t slice_vec = ceil_div(n_vec, cluster);
   const int64_t smem = slice_vec * kVecBytes;
-  TORCH_CHECK(smem <= kMaxSliceBytes, op, ": a slice of ", smem, " bytes (V = ", V, ", cluster ", cluster,
-              ") exceeds ", kMaxSliceBytes, " bytes of shared memory");
+  TORCH_CHECK(smem <= kMaxSliceBytes, op, ": a slice of ", fmt_int(smem), " bytes (V = ", fmt_int(V), ", cluster ",
+              fmt_int(cluster), ") exceeds ", fmt_int(kMaxSliceBytes), " bytes of shared memory");
 
   RowParams p;
   p.logits = logits.data_ptr();
@@ -711,7 +713,7 @@ void ppo_from_logits_rows_cuda(const at::Tensor& logits, const at::Tensor& grad,
     using scalar_t = decltype(tag);
     TORCH_CHECK(cluster_launchable<scalar_t>(device, static_cast<int>(cluster), smem), op,
                 ": the cluster kernel cannot run here (needs an sm_90+ GPU, a build with compute_90+ code, and ",
-                cluster, " resident blocks of ", smem, " bytes of shared memory)");
+                fmt_int(cluster), " resident blocks of ", fmt_int(smem), " bytes of shared memory)");
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = launch_config<scalar_t>(N, static_cast<int>(cluster), smem, stream, &attr);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, ppo_rows_cluster_kernel<scalar_t>, p));
