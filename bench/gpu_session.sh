@@ -18,14 +18,16 @@
 #                     (comma-separated: rows, cluster, ppo_tile, ppo_count)
 #   profile[=OPS]     bench/profile_gpu.py: torch.profiler kernel tables of rlhf_fast's step for each
 #                     case an issue target reads, beside its floor (profile.txt): where the time goes
-# Order that gets the issues' targets first (one device call per line; estimates from a review of
-# the run, never measured): a session has 30 device-minutes, and a machine given back (30 s idle)
-# costs minutes to start again, so issue the calls back to back and read the outputs after.
-#   bash bench/gpu_session.sh build                                     # ~7 min
+# Order that gets the issues' targets first (one device call per line; times measured on an H100,
+# 2026-11-23): a session has 30 device-minutes, and a fresh machine costs ~1 min of them to start
+# (a warm one is given back after 30 s idle), so issue the calls back to back and read the
+# outputs after.
+#   bash bench/gpu_session.sh build                                     # 9.5 min with 4 workers (cut
+#                                                                       # off at 93 %); 12 now, est. ~5
 #   bash bench/gpu_session.sh report=ppo_from_logits,dpo_from_logits,ppo_policy_loss,kl_penalty,dpo_loss,gae report=linear_logprobs
-#                                                                       # ~6-7 min
-#   bash bench/gpu_session.sh report=logprobs,logprobs+entropy          # ~6-8 min
-#   bash bench/gpu_session.sh profile tune                              # ~2 + ~4 min, if time is left
+#                                                                       # 2 min
+#   bash bench/gpu_session.sh report=logprobs,logprobs+entropy          # 2 min
+#   bash bench/gpu_session.sh profile tune                              # 35 s
 #   bash bench/gpu_session.sh suites                                    # optional: the report covers the targets
 # then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
 # (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
@@ -105,12 +107,14 @@ build_and_test() {
       | tee -a "$OUT/tests-cluster.log"
     export RLHF_FAST_PPO_CLUSTER=0
   fi
-  # The device image has pytest-xdist and pytest-timeout. Most tests run on 4 workers (each
+  # The device image has pytest-xdist and pytest-timeout. Most tests run on 12 workers (each
   # JIT-compiles its own Triton variants, the slow part of a first GPU run; tests/conftest.py
   # empties the CUDA cache after every gpu test); the big int64-offset cases (marked slow, up to
   # ~37 GB each) then run one at a time. Both within the time left (pytest_in_time_left).
+  # Measured on the H100 (2026-11-23): 4 workers with --dist loadfile had not finished the
+  # non-slow tests after ~7 min; 14 workers with the default distribution took 131 s.
   local par="" per_test=""
-  python3 -c "import xdist" 2>/dev/null && par="-n 4 --dist loadfile"
+  python3 -c "import xdist" 2>/dev/null && par="-n 12"
   python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
   pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow"
   pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow

@@ -1,6 +1,6 @@
 """Launch-config sweep for the kernels whose tuning the first GPU run owes, in one device call.
 
-    python bench/tune_gpu.py [--out DIR] [--small]
+    python bench/tune_gpu.py [--out DIR] [--small] [--sections rows,cluster,ppo_tile,ppo_count]
 
 On a GPU (the sizes of ../shared/ANCHORS.md, bf16 logits):
   rows      log-prob forward and forward + backward at 16384 x 128256 and 16384 x 32000, for each
@@ -8,7 +8,10 @@ On a GPU (the sizes of ../shared/ANCHORS.md, bf16 logits):
   cluster   ppo_loss_from_logits forward + backward at 8 x 2048 x 128256 with
             RLHF_FAST_PPO_CLUSTER = auto, 0 (Triton rows), 1, 2, 4, 8 (sizes whose slice fits);
   ppo_tile  the per-token PPO loss forward + backward at [1024, 8192] fp32 for each
-            (_TILE, _WARPS) of PPO_TILES (kernels/ppo.py).
+            (_TILE, _WARPS) of PPO_TILES (kernels/ppo.py);
+  ppo_count the same step at the best ppo_tile (or the default tile) for each (_COUNT_TILE,
+            _COUNT_WARPS) of PPO_COUNT_TILES: the mask row-sum kernel's launch config.
+--sections runs a subset (all by default).
 Each line gives the median time (CUDA events, L2 flushed, rlhf_fast.bench.Timer) and the
 fraction of the copy bandwidth measured in the same run (floor bytes / time / copy bandwidth),
 and the result is checked against the default config's output. Results go to DIR/tune.json

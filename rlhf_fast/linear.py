@@ -118,6 +118,48 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chu
     return logp, hidden.new_empty(N if with_entropy else 0, dtype=torch.float32), torch.empty_like(logp)
 
 
+# Whether this torch accepts an fp32 accumulator for a bf16/fp16 addmm (aten::addmm.dtype_out):
+# torch <= 2.7 has no such overload, 2.8/2.9 reject an fp32 `self` with low-precision matrices.
+# None until a CUDA backward has tried it; then the answer is kept for the process.
+_addmm_out_dtype_works: bool | None = None
+
+
+def _accumulate_grad_weight(
+    grad_weight: Tensor, grad_logits_c: Tensor, hidden_c: Tensor, *, first: bool, fused: bool | None = None
+) -> None:
+    """grad_weight (fp32 [V, H]) = (0 if first else grad_weight) + grad_logits_c.T @ hidden_c.
+
+    beta = 0 on the first chunk: the accumulator starts uninitialised, and addmm ignores its
+    input entirely (NaN included) when beta is 0. fused (default: on CUDA) tries the
+    out_dtype GEMM for bf16/fp16 inputs, falling back where this torch lacks it."""
+    global _addmm_out_dtype_works
+    beta = 0.0 if first else 1.0
+    if grad_logits_c.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits_c.t(), hidden_c, beta=beta)
+        return
+    if fused is None:
+        fused = grad_logits_c.is_cuda
+    if fused and _addmm_out_dtype_works is not False:
+        # bf16/fp16 GEMM that adds into the fp32 accumulator in its epilogue. A separate
+        # `grad_weight += mm(...)` costs a read + write of the fp32 [V, H] buffer per chunk:
+        # 50 of 114 ms per step at 8192 x 4096 x 151936 on an H100.
+        try:
+            torch.addmm(grad_weight, grad_logits_c.t(), hidden_c, beta=beta, out_dtype=torch.float32, out=grad_weight)
+        except (RuntimeError, TypeError):  # argument checks: raised before anything is written
+            if _addmm_out_dtype_works:
+                raise
+            _addmm_out_dtype_works = False
+        else:
+            _addmm_out_dtype_works = True
+            return
+    # No out_dtype GEMM (CPU, older torch): low-precision matmul, summed across chunks in fp32.
+    product = torch.mm(grad_logits_c.t(), hidden_c)
+    if first:
+        grad_weight.copy_(product)
+    else:
+        grad_weight += product
+
+
 @torch.library.custom_op("rlhf_fast::linear_logprobs_bwd", mutates_args=())
 def _linear_logprobs_bwd(
     grad_logp: Optional[Tensor],
@@ -163,23 +205,7 @@ def _linear_logprobs_bwd(
         if need_hidden:
             torch.mm(grad_logits_c, weight, out=grad_hidden[start:stop])
         if need_weight:
-            beta = 0.0 if start == 0 else 1.0
-            if grad_logits_c.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits_c.t(), hidden_c, beta=beta)
-            elif grad_logits_c.is_cuda:
-                # bf16/fp16 GEMM that adds into the fp32 accumulator in its epilogue. A separate
-                # `grad_weight += mm(...)` costs a read + write of the fp32 [V, H] buffer per chunk:
-                # 50 of 114 ms per step at 8192 x 4096 x 151936 on an H100.
-                torch.addmm(
-                    grad_weight, grad_logits_c.t(), hidden_c, beta=beta, out_dtype=torch.float32, out=grad_weight
-                )
-            else:
-                # CPU has no out_dtype GEMM: low-precision matmul, summed across chunks in fp32.
-                product = torch.mm(grad_logits_c.t(), hidden_c)
-                if start == 0:
-                    grad_weight.copy_(product)
-                else:
-                    grad_weight += product
+            _accumulate_grad_weight(grad_weight, grad_logits_c, hidden_c, first=start == 0)
         if need_bias:
             grad_bias += grad_logits_c.sum(0, dtype=torch.float32)
         del grad_logits_c, rows

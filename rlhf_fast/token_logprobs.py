@@ -109,18 +109,10 @@ def _logprobs_bwd_inplace(
 ) -> None:
     """Like logprobs_bwd but writes the gradient over `logits` (no second [N, V] buffer).
 
-    Under torch.compile (checked with TORCH_LOGS=output_code, torch 2.13 inductor on CPU): the
-    saved `logits` is a backward-graph input that no caller sees (an intermediate of the forward,
-    e.g. the lm_head output), so functionalization turns this mutation into "clone, then mutate
-    the clone", and inductor's re-inplacing pass keeps the clone (it only re-inplaces mutated graph
-    inputs that get a copy_ back, i.e. the user's own inputs). Inductor places the clone in the
-    dead logits buffer, so the memory saving holds, but the clone is an extra full read + write
-    of [N, V] (a self-copy kernel) before this op. No declaration avoids it: a custom op may not
-    return an alias of its input, and the functional `logprobs_bwd` needs a second [N, V] buffer
-    (what inplace_backward exists to avoid). So under compile inplace_backward=True trades
-    1 read + 1 write of the logits for that buffer; pass inplace_backward=False where memory
-    allows. (For the fused PPO loss the grad_output scaling has a clean way out, a traced
-    multiply: see rlhf_fast/ppo_from_logits.py `_backward`.)
+    Eager only: under torch.compile `_grad_logits` calls the functional logprobs_bwd instead.
+    Functionalization turns this mutation of a saved intermediate into "clone, then mutate the
+    clone", which cost a self-copy of the logits, and on GPUs inductor may pad the saved buffer's
+    row stride and then pass this op a dense view of it (wrong gradients; see `_grad_logits`).
     """
     rows = _kernels().as_rows3d(logits)
     in_place = _rows_share_storage(rows, logits)

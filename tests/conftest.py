@@ -10,10 +10,15 @@ import os
 # torch.compile's on-disk caches (FX graph / AOTAutograd) key a compiled backward on its graph,
 # not on rlhf_fast's Python autograd code: after a change there, a warm cache replays the old
 # graph and a compile test can pass or fail for code that no longer exists (seen 2026-11-23).
-# Read when torch._inductor.config is imported, hence before torch.
+# torch.compiler.config reads the variable during `import torch`, hence before it; the config
+# is set again after, in case a plugin imported torch first.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch
+
+_compiler_config = getattr(torch.compiler, "config", None)  # torch >= 2.7
+if os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] == "1" and hasattr(_compiler_config, "force_disable_caches"):
+    _compiler_config.force_disable_caches = True
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

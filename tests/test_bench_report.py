@@ -429,12 +429,22 @@ def test_tune_sweep_dry_run(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads((tmp_path / "tune.json").read_text())
-    for section, n in (("rows", 12), ("cluster", 6), ("ppo_tile", 5)):
+    for section, n in (("rows", 12), ("cluster", 6), ("ppo_tile", 5), ("ppo_count", 6)):
         entries = result[section]
         assert len(entries) == n, section
         for e in entries:
             assert "error" not in e, e
             assert e["ms"] > 0 and e["max_err_vs_default"] < 1e-4, e
+
+    # --sections runs only the named sweeps (the GPU session's `tune=SECTIONS` stage).
+    run = subprocess.run([sys.executable, str(script), "--small", "--out", str(tmp_path), "--sections", "ppo_count"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert [len(result[s]) for s in ("rows", "cluster", "ppo_tile", "ppo_count")] == [0, 0, 0, 6]
+    bad = subprocess.run([sys.executable, str(script), "--small", "--out", str(tmp_path), "--sections", "nope"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown sections" in bad.stderr
 
 
 def test_profile_dry_run(tmp_path):

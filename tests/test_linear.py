@@ -186,3 +186,24 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, eager)
     for a, e in zip(grads, eager_grads):
         torch.testing.assert_close(a, e)
+
+
+def test_grad_weight_accumulation_falls_back_without_out_dtype_gemm(monkeypatch):
+    """The bf16/fp16 grad_weight accumulation tries addmm with out_dtype=float32 (CUDA, recent
+    torch); where that overload is missing or refuses an fp32 accumulator (torch <= 2.9, or CPU as
+    here) it falls back to mm + add in fp32, once, and remembers. The first chunk (beta 0) must
+    ignore whatever the uninitialised accumulator holds."""
+    monkeypatch.setattr(linear_mod, "_addmm_out_dtype_works", None)
+    g = torch.Generator().manual_seed(3)
+    chunks = [(torch.randn(5, 7, generator=g).bfloat16(), torch.randn(5, 3, generator=g).bfloat16()) for _ in range(3)]
+    acc = torch.full((7, 3), float("nan"))
+    for i, (gl, h) in enumerate(chunks):
+        linear_mod._accumulate_grad_weight(acc, gl, h, first=i == 0, fused=True)
+    assert linear_mod._addmm_out_dtype_works is False  # CPU has no out_dtype GEMM: fell back
+    expected = sum(torch.mm(gl.t(), h).float() for gl, h in chunks)
+    torch.testing.assert_close(acc, expected)
+
+    # Once the fused GEMM is known to work, a failure is a real error, not a reason to fall back.
+    monkeypatch.setattr(linear_mod, "_addmm_out_dtype_works", True)
+    with pytest.raises((RuntimeError, TypeError)):
+        linear_mod._accumulate_grad_weight(acc, *chunks[0], first=False, fused=True)

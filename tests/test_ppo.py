@@ -263,9 +263,13 @@ def test_nan_at_a_counted_token_gives_nan_loss_and_stats(dual_clip):
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (7, 1), (2, 2100), (33, 3), (1100, 2)])
-def test_policy_loss_awkward_shapes(B, T):
-    # T = 1 (several rows per program), T over the 2048-wide tile (several tiles per row),
-    # B over the 1024 lanes of the row-scale reduction.
+def test_policy_loss_awkward_shapes(B, T, monkeypatch):
+    # T = 1 (several rows per program), T over a 2048-wide tile (several tiles per row; the tile
+    # is pinned so this holds whatever _TILE the GPU tuning picked), B over the 1024 lanes of the
+    # row-scale reduction.
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setattr(ppo_kernels, "_TILE", 2048)  # read at each launch (the tile is an argument)
     logp, old, adv, mask = _policy_case(B, T, seed=5)
     go = torch.tensor(1.3, device=DEVICE)
     for agg in ("token-mean", "seq-mean-token-mean"):
@@ -283,6 +287,7 @@ def test_policy_loss_multi_block_reductions(monkeypatch):
 
     monkeypatch.setattr(ppo_kernels, "_REDUCE_BLOCK", 4)
     monkeypatch.setattr(ppo_kernels, "_FINALIZE_BLOCK", 4)
+    monkeypatch.setattr(ppo_kernels, "_TILE", 2048)  # 2 tiles per row whatever the tuned tile
     logp, old, adv, mask = _policy_case(11, 2100, seed=15)  # 11 rows, 22 tiles
     go = torch.tensor(0.7, device=DEVICE)
     for agg in AGGS:
