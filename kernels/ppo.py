@@ -32,6 +32,13 @@ after its stores; the one that sees n_programs - 1 does the reduction. The resul
 deterministic, and the forward is 2 launches plus one memset of a small work buffer instead of 4
 launches; at the benchmark size ([1024, 8192] fp32, ~50 us of memory traffic) each launch saved
 is a few us of host time and a few us of GPU time (a 1-program kernel and the gap before it).
+On sm_90+ the forward kernel is launched with programmatic dependent launch (PDL): the mask
+kernel lets it start once all its programs have started (griddepcontrol.launch_dependents), and
+the forward loads its four inputs and computes the per-token terms before it waits
+(griddepcontrol.wait) for the row scales. On an H100 (2026-11-23, before PDL) the mask kernel
+took 19.9 us and the forward 59.6 us of a 85 us step, the forward at 95 % of its traffic floor:
+the serialisation, not the traffic, was what PDL can take back (unmeasured yet; the benchmark's
+"no-PDL" column times the plain launch in the same run; RLHF_FAST_PPO_PDL=0 turns it off).
 Backward scales the saved gradient in place by grad_output with the shared in-place kernel of
 rlhf_fast.kernels.ppo_from_logits (`scale_grad_`): every program loads grad_output from its pointer
 and returns at once when it is 1, so the common `loss.backward()` moves no [B, T] bytes and never
@@ -55,11 +62,14 @@ int64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rlhf_fast._backend import kernel_mask
 
@@ -203,9 +213,13 @@ def _mask_row_scales_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid over row blocks: counts_b = sum_t m_bt; the last program then turns all the counts
-    into the row scales s_b and sum m."""
+    into the row scales s_b and sum m. PDL: let the forward kernel (launched with programmatic
+    dependent launch) start as soon as every program of this one has started."""
+    if PDL:
+        gdc_launch_dependents()
     counts_ptr, scale_ptr, total_ptr, _ = _work_views(work_ptr, B)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
@@ -267,9 +281,14 @@ def _ppo_fwd_kernel(
     N_SUMS: tl.constexpr,
     N_SUMS_P2: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid over [BLOCK_B, BLOCK_T] tiles: loss terms, the final gradient and per-tile partials;
-    the last tile's program then reduces the partials into the loss and the stats."""
+    the last tile's program then reduces the partials into the loss and the stats.
+    PDL (launched with programmatic dependent launch after the mask kernel): the inputs are loaded
+    and the per-token terms computed while the mask kernel may still run; gdc_wait() then waits
+    for it (and its stores) before the row scales are read. Nothing before the wait reads or
+    writes what the mask kernel writes."""
     _, scale_ptr, total_ptr, part_ptr = _work_views(work_ptr, B)
     rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
     valid = row_ok[:, None] & col_ok[None, :]
@@ -280,7 +299,6 @@ def _ppo_fwd_kernel(
     a = _load_tile(a_ptr, a_sb, a_st, rows, cols, valid, "evict_first")
     b = _load_tile(b_ptr, b_sb, b_st, rows, cols, valid, "evict_first")
     counted = m != 0.0
-    w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
 
     if LOSS == 0:  # policy: x = logp, a = old, b = A
         # Log-ratio 0 at uncounted tokens: exp() of a garbage difference there never runs.
@@ -290,6 +308,10 @@ def _ppo_fwd_kernel(
     else:  # value: x = v, a = v_old, b = R
         loss, dloss, clipped = _value_clip_term(x, a, b, clip_low)
         mean_term = x  # vpred_mean
+
+    if PDL:
+        gdc_wait()  # the mask kernel has finished: its row scales and sum m are visible
+    w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
 
     if WRITE_GRAD:
         grad = tl.where(counted, w * dloss, 0.0)
@@ -355,6 +377,40 @@ def _finalize(
 # Launchers. Callers (rlhf_fast/ppo.py) validate arguments; inputs are [B, T] with any strides.
 
 
+PDL_ENV = "RLHF_FAST_PPO_PDL"
+
+
+@functools.cache
+def _device_has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the forward kernel is launched with programmatic dependent launch after the mask
+    kernel (sm_90+; griddepcontrol does not exist before). Off under TRITON_INTERPRET (the
+    interpreter has no grid dependency control) and with RLHF_FAST_PPO_PDL=0 (benchmarks time
+    both in one run)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    if os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def pdl_mode(on: bool):
+    """RLHF_FAST_PPO_PDL=1/0 inside the block, restored after."""
+    saved = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[PDL_ENV]
+        else:
+            os.environ[PDL_ENV] = saved
+
+
 def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale):
     B, T = x.shape
     dev = x.device
@@ -374,6 +430,7 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
     n_planes = n_sums + int(has_max)
     work = torch.zeros((_work_size(B, n_planes, n_tiles),), dtype=torch.int32, device=dev)
 
+    pdl = pdl_enabled(dev)
     # 1: row counts of the mask, then (last program) the aggregation weights' row scales.
     count_b, count_t = _tile_config(B, T, _COUNT_TILE)
     _mask_row_scales_kernel[(triton.cdiv(B, count_b),)](
@@ -389,6 +446,7 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         BLOCK_B=count_b,
         BLOCK_T=count_t,
         REDUCE_BLOCK=min(_REDUCE_BLOCK, triton.next_power_of_2(B)),
+        PDL=pdl,
         num_warps=_COUNT_WARPS,
     )
 
@@ -424,7 +482,9 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         N_SUMS=n_sums,
         N_SUMS_P2=triton.next_power_of_2(n_sums),
         BLOCK_R=min(_FINALIZE_BLOCK, triton.next_power_of_2(n_tiles)),
+        PDL=pdl,
         num_warps=_WARPS,
+        launch_pdl=pdl,
     )
     return loss, stats, grad
 

@@ -491,6 +491,23 @@ def _eager_ppo_policy(inp):
     return loss, clipfrac.detach(), approx_kl
 
 
+def _rlhf_no_pdl():
+    # rlhf_fast with the per-token PPO forward launched the plain way (RLHF_FAST_PPO_PDL=0) next to
+    # the default (programmatic dependent launch after the mask row-sum kernel, sm_90+): what
+    # overlapping the two kernels buys, measured in the same run. Not run where PDL is off anyway.
+    import rlhf_fast
+    from rlhf_fast.kernels.ppo import pdl_enabled, pdl_mode
+
+    if not torch.cuda.is_available() or not pdl_enabled(torch.device("cuda", torch.cuda.current_device())):
+        raise RuntimeError("no programmatic dependent launch here (needs sm_90+, not RLHF_FAST_PPO_PDL=0)")
+
+    def forward(inp):
+        with pdl_mode(False):
+            return _ppo_policy_call(rlhf_fast.ppo_policy_loss, inp)
+
+    return forward
+
+
 def _ppo_policy_bytes(shape, dtype, mode):
     B, T = shape
     return 5 * 4 * B * T  # read logp, old, adv, mask (fp32); write the gradient
@@ -728,7 +745,10 @@ _add(
         output_names=("loss",),
         bytes_moved=_ppo_policy_bytes,
         peers={"eager": _eager_ppo_policy, "compile": _eager_ppo_policy},
+        gpu_peers={"no-pdl": _rlhf_no_pdl},
         subset=_leading_rows_subset,
+        notes="no-PDL: rlhf_fast with RLHF_FAST_PPO_PDL=0 (the forward kernel launched after the mask "
+        "kernel has finished, instead of overlapping it)",
     )
 )
 _add(

@@ -384,21 +384,40 @@ class Cases:
         return Case(_label("ppo_from_logits.scale_grad_", dtype, f"V={V}", i64=i64), call, i64)
 
     # -- [B, T] PPO losses ---------------------------------------------------------------------------
-    def ppo_policy(self, dtype, shape, mask_dtype, agg, dual_clip, write_grad) -> Case:
+    def _with_pdl(self, call, pdl: bool):
+        """The launcher call with kernels/ppo.py's programmatic-dependent-launch switch forced
+        (it is off for the CPU tensors given here; on an sm_90 GPU it is on)."""
+        if not pdl:
+            return call
+        ppo = self.kernels["ppo"]
+
+        def forced():
+            saved = ppo.pdl_enabled
+            ppo.pdl_enabled = lambda device: True
+            try:
+                call()
+            finally:
+                ppo.pdl_enabled = saved
+
+        return forced
+
+    def ppo_policy(self, dtype, shape, mask_dtype, agg, dual_clip, write_grad, pdl=False) -> Case:
         x = torch.zeros(*shape, dtype=dtype)
         mask = torch.ones(*shape, dtype=mask_dtype)
         call = functools.partial(
             self.kernels["ppo"].ppo_policy_forward, x, x, x, mask, 0.2, 0.2, dual_clip, agg, 16.0, write_grad
         )
-        flags = (f"dual_clip={dual_clip}", "write_grad" if write_grad else "no_grad")
-        return Case(_label("ppo_policy_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags), call)
+        flags = (f"dual_clip={dual_clip}", "write_grad" if write_grad else "no_grad") + (("pdl",) if pdl else ())
+        label = _label("ppo_policy_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags)
+        return Case(label, self._with_pdl(call, pdl))
 
-    def ppo_value(self, dtype, shape, mask_dtype, agg, write_grad) -> Case:
+    def ppo_value(self, dtype, shape, mask_dtype, agg, write_grad, pdl=False) -> Case:
         x = torch.zeros(*shape, dtype=dtype)
         mask = torch.ones(*shape, dtype=mask_dtype)
         call = functools.partial(self.kernels["ppo"].ppo_value_forward, x, x, x, mask, 0.2, agg, 16.0, write_grad)
-        flags = ("write_grad" if write_grad else "no_grad",)
-        return Case(_label("ppo_value_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags), call)
+        flags = ("write_grad" if write_grad else "no_grad",) + (("pdl",) if pdl else ())
+        label = _label("ppo_value_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags)
+        return Case(label, self._with_pdl(call, pdl))
 
     def ppo_scale(self, dtype, shape) -> Case:
         call = functools.partial(self.kernels["ppo"].scale_grad_, torch.zeros(*shape, dtype=dtype), torch.tensor(2.0))
@@ -494,6 +513,10 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.ppo_value(BF16, big, torch.bool, aggs[3], True),
         c.ppo_value(FP16, big, torch.float32, aggs[0], False),
         c.ppo_scale(BF16, big),
+        # programmatic dependent launch (griddepcontrol), what an sm_90 GPU runs
+        c.ppo_policy(FP32, big, torch.float32, aggs[0], None, True, pdl=True),
+        c.ppo_policy(BF16, big, torch.bool, aggs[2], 3.0, True, pdl=True),
+        c.ppo_value(FP32, big, torch.float32, aggs[1], True, pdl=True),
     ]
 
     # KL: each kind with and without a clamp, each dtype, each gradient selection; both
@@ -542,9 +565,11 @@ def full_cases(c: Cases, modules) -> list[Case]:
                 for agg in modules["ppo"].AGG_CODES:
                     for dual_clip in (None, 3.0):
                         for write_grad in (True, False):
-                            cases.append(c.ppo_policy(dtype, shape, mask_dtype, agg, dual_clip, write_grad))
+                            for pdl in (False, True):
+                                cases.append(c.ppo_policy(dtype, shape, mask_dtype, agg, dual_clip, write_grad, pdl))
                     for write_grad in (True, False):
-                        cases.append(c.ppo_value(dtype, shape, mask_dtype, agg, write_grad))
+                        for pdl in (False, True):
+                            cases.append(c.ppo_value(dtype, shape, mask_dtype, agg, write_grad, pdl))
             cases.append(c.ppo_scale(dtype, shape))
         for n in (10, 100000):
             for kind in KL_KINDS:

@@ -1,6 +1,7 @@
 """ppo_policy_loss and ppo_value_loss: Triton kernels vs rlhf_fast.reference and a float64 loop oracle."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -627,3 +628,46 @@ def test_policy_loss_large_gpu():
             again = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
             assert torch.equal(again[0], first[0]) and torch.equal(again[2], first[2])
             assert all(torch.equal(again[1][k], first[1][k]) for k in first[1])
+
+
+def test_pdl_switch_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
+    """Programmatic dependent launch (griddepcontrol, sm_90+) is chosen per device; it must stay off
+    for CPU tensors and under TRITON_INTERPRET (whose interpreter has no grid dependency control),
+    and RLHF_FAST_PPO_PDL=0 / pdl_mode(False) turns it off (the benchmark's no-PDL column)."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    from rlhf_fast._bench_cases import _rlhf_no_pdl
+
+    assert not ppo_kernels.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not ppo_kernels.pdl_enabled(torch.device("cuda", 0))  # decided before asking the device
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ppo_kernels.pdl_mode(False):
+        assert not ppo_kernels.pdl_enabled(torch.device("cuda", 0))
+        assert os.environ[ppo_kernels.PDL_ENV] == "0"
+    assert ppo_kernels.PDL_ENV not in os.environ
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="programmatic dependent launch"):
+            _rlhf_no_pdl()
+
+
+@pytest.mark.gpu
+def test_pdl_on_and_off_agree_bitwise_gpu():
+    """With PDL the forward kernel starts while the mask kernel still runs and waits (gdc_wait)
+    before it reads the row scales: every result must equal the plain launch's, bit for bit."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    logp, old, adv, mask = _policy_case(512, 4100, seed=21, mask_kind="float")
+    values, old_values, returns, vmask = _value_case(512, 4100, seed=22)
+    go = torch.tensor(0.7, device=DEVICE)
+    for agg in AGGS:
+        with ppo_kernels.pdl_mode(False):
+            plain = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+            plain_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        with ppo_kernels.pdl_mode(True):
+            for _ in range(5):
+                pdl = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+                assert torch.equal(pdl[0], plain[0]) and torch.equal(pdl[2], plain[2]), agg
+                assert all(torch.equal(pdl[1][k], plain[1][k]) for k in plain[1]), agg
+                pdl_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+                assert torch.equal(pdl_v[0], plain_v[0]) and torch.equal(pdl_v[2], plain_v[2]), agg
