@@ -62,7 +62,6 @@ int64.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -71,7 +70,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rlhf_fast._backend import kernel_mask
+from rlhf_fast._backend import env_set, kernel_mask
 
 from ._terms import clamp_nan, ppo_clip_term
 from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
@@ -397,18 +396,9 @@ def pdl_enabled(device: torch.device) -> bool:
     return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@contextlib.contextmanager
 def pdl_mode(on: bool):
     """RLHF_FAST_PPO_PDL=1/0 inside the block, restored after."""
-    saved = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[PDL_ENV]
-        else:
-            os.environ[PDL_ENV] = saved
+    return env_set(PDL_ENV, "1" if on else "0")
 
 
 def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale):

@@ -46,7 +46,6 @@ token's results are bitwise the same whatever batch it is in.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -320,19 +319,12 @@ def cluster_blocks_on_device(device_index: int | None = None, V: int = 128256, e
     return _cluster_size_for(V, elem_size, index)
 
 
-@contextlib.contextmanager
 def cluster_mode(mode: str):
     """RLHF_FAST_PPO_CLUSTER=mode inside the block, restored after (benchmarks time the Triton rows
     beside the cluster kernel with mode "0")."""
-    saved = os.environ.get(CLUSTER_ENV)
-    os.environ[CLUSTER_ENV] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[CLUSTER_ENV]
-        else:
-            os.environ[CLUSTER_ENV] = saved
+    from rlhf_fast._backend import env_set
+
+    return env_set(CLUSTER_ENV, mode)
 
 
 def _rows_aligned16(t: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ Nothing here touches CUDA at import time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -209,6 +210,21 @@ def check_same_device(**tensors) -> torch.device:
         elif t.device != device:
             raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
     return device
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """Environment variable `name` = value inside the block, restored (or removed) after: the
+    benchmarks time a kernel switch's two sides in one run (RLHF_FAST_PPO_CLUSTER, _PPO_PDL)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
