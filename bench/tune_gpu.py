@@ -227,9 +227,9 @@ def main(argv=None) -> int:
         for tile, warps in PPO_TILES if "ppo_tile" in sections else ():
             with ppo_tile_override(tile, warps):
                 record("ppo_tile", f"ppo_policy_loss {B}x{T} tile={tile} warps={warps}", step, floor, ref_grad)
-        timed = [e for e in results["ppo_tile"] if "ms" in e]
-        best = min(timed, key=lambda e: e["ms"])["config"] if timed else None
-        tile, warps = (int(best.split("tile=")[1].split()[0]), int(best.split("warps=")[1])) if best else (None, None)
+        # entries follow PPO_TILES (one per config); none ran: keep the default tile
+        timed = [(e["ms"], config) for e, config in zip(results["ppo_tile"], PPO_TILES) if "ms" in e]
+        tile, warps = min(timed)[1] if timed else (None, None)
         for count_tile, count_warps in PPO_COUNT_TILES if "ppo_count" in sections else ():
             with ppo_tile_override(tile, warps, count_tile, count_warps):
                 label = f"ppo_policy_loss {B}x{T} tile={ppo_kernels._TILE} count={count_tile}/{count_warps}w"

@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rlhf_fast._backend import env_set, kernel_mask
+from rlhf_fast._backend import env_set, kernel_mask, triton_interpreting
 
 from ._terms import clamp_nan, ppo_clip_term
 from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
@@ -389,7 +389,7 @@ def pdl_enabled(device: torch.device) -> bool:
     kernel (sm_90+; griddepcontrol does not exist before). Off under TRITON_INTERPRET (the
     interpreter has no grid dependency control) and with RLHF_FAST_PPO_PDL=0 (benchmarks time
     both in one run)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type != "cuda" or triton_interpreting():
         return False
     if os.environ.get(PDL_ENV, "1") == "0":
         return False

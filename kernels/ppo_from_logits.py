@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast._backend import env_set, load_C
+
 from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
 from ._terms import KL_CODES, KL_NONE, clamp_kl, kl_term, ppo_clip_term
 
@@ -292,8 +294,6 @@ _MAX_SLICE_BYTES = 192 * 1024  # kMaxSliceBytes in csrc/cuda/ppo_from_logits_cud
 
 @functools.cache
 def _cluster_size_for(V: int, elem_size: int, device_index: int) -> int:
-    from rlhf_fast._backend import load_C
-
     C = load_C()
     query = getattr(C, "ppo_rows_cluster_size", None)  # None: no extension, or one built before it
     if query is None or not C.with_cuda() or not _rows_op_is_current():
@@ -322,8 +322,6 @@ def cluster_blocks_on_device(device_index: int | None = None, V: int = 128256, e
 def cluster_mode(mode: str):
     """RLHF_FAST_PPO_CLUSTER=mode inside the block, restored after (benchmarks time the Triton rows
     beside the cluster kernel with mode "0")."""
-    from rlhf_fast._backend import env_set
-
     return env_set(CLUSTER_ENV, mode)
 
 

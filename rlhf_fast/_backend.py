@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
@@ -225,6 +226,14 @@ def env_set(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = saved
+
+
+def traced_backward(saved: torch.Tensor) -> bool:
+    """Whether a custom op's backward is being traced (torch.compile's AOTAutograd, opcheck)
+    rather than run. AOTAutograd traces the backward outside Dynamo, where torch <= 2.11's
+    torch.compiler.is_compiling() is False; the saved tensors are fake then (FunctionalTensors
+    over FakeTensors), which no eager backward sees."""
+    return torch.compiler.is_compiling() or is_fake(saved)
 
 
 def kernel_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from rlhf_fast import reference
 from rlhf_fast._backend import (
@@ -33,6 +32,7 @@ from rlhf_fast._backend import (
     checks_enabled,
     register_op,
     resolve,
+    traced_backward,
 )
 from rlhf_fast.aggregation import aggregation_weights, check_agg
 
@@ -228,14 +228,6 @@ def _setup_context(ctx, inputs, output):
     ctx.grad_consumed = False
 
 
-def _traced_backward(saved: Tensor) -> bool:
-    """Whether this backward is being traced (torch.compile's AOTAutograd, opcheck) rather than
-    run. AOTAutograd traces the backward outside Dynamo, where torch <= 2.11's
-    torch.compiler.is_compiling() is False; the saved tensors are fake then (FunctionalTensors
-    over FakeTensors), which no eager backward sees."""
-    return torch.compiler.is_compiling() or is_fake(saved)
-
-
 def _backward(ctx, grad_loss, *unused_grads):
     # Only the logits get a gradient: old_logprobs, advantages, weights, mask and ref_logprobs are
     # targets (detached), the floats are hyper-parameters.
@@ -250,7 +242,7 @@ def _backward(ctx, grad_loss, *unused_grads):
     if ctx.grad_consumed:
         raise RuntimeError(_BACKWARD_TWICE)
     (grad,) = ctx.saved_tensors
-    if _traced_backward(grad):
+    if traced_backward(grad):
         # Under torch.compile the in-place scale op costs more than a plain multiply: `grad` is a
         # saved intermediate (a backward-graph input that no caller sees), so functionalization
         # turns the mutation into "clone, then mutate the clone" and inductor cannot re-inplace

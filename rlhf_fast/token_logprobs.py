@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
@@ -27,6 +26,7 @@ from rlhf_fast._backend import (
     checks_enabled,
     register_op,
     resolve,
+    traced_backward,
 )
 
 __all__ = ["entropy", "logprobs", "sequence_logprobs"]
@@ -136,7 +136,7 @@ def _grad_logits(ctx, grad_logp, grad_entropy, logits, labels, lse, ent):
     # and writes the wrong elements (wrong gradients on an H100, 2026-11-23; reproduced on CPU by
     # forcing the padding). The functional op costs a second [N, V] buffer there, which is what
     # the compiled in-place path cost in time anyway (a self-copy of the logits).
-    if ctx.inplace_backward and not (torch.compiler.is_compiling() or is_fake(logits)):
+    if ctx.inplace_backward and not traced_backward(logits):
         torch.ops.rlhf_fast.logprobs_bwd_(
             grad_logp, grad_entropy, logits, labels, lse, ent, ctx.temperature, ctx.ignore_index
         )
