@@ -7,10 +7,12 @@ On a GPU (the sizes of ../shared/ANCHORS.md, bf16 logits):
             (BLOCK_V, num_warps) of ROW_CONFIGS (kernels/_rows.py: MAX_BLOCK_V / WARPS_BY_BLOCK);
   cluster   ppo_loss_from_logits forward + backward at 8 x 2048 x 128256 with
             RLHF_FAST_PPO_CLUSTER = auto, 0 (Triton rows), 1, 2, 4, 8 (sizes whose slice fits);
-  ppo_tile  the per-token PPO loss forward + backward at [1024, 8192] fp32 for each
-            (_TILE, _WARPS) of PPO_TILES (kernels/ppo.py);
-  ppo_count the same step at the best ppo_tile (or the default tile) for each (_COUNT_TILE,
-            _COUNT_WARPS) of PPO_COUNT_TILES: the mask row-sum kernel's launch config.
+  ppo_tile  the per-token PPO loss forward + backward at [1024, 8192] fp32 for each launch
+            schedule (fused, pdl, split: kernels/ppo.py's RLHF_FAST_PPO_LAUNCH) and each
+            (_TILE, _WARPS) of PPO_TILES;
+  ppo_count the same step at the best ppo_tile schedule and tile (or the defaults) for each
+            (_COUNT_TILE, _COUNT_WARPS) of PPO_COUNT_TILES: the mask row-sum pass's config
+            (_COUNT_WARPS only matters to pdl and split: a fused launch has one num_warps).
 --sections runs a subset (all by default).
 Each line gives the median time (CUDA events, L2 flushed, rlhf_fast.bench.Timer) and the
 fraction of the copy bandwidth measured in the same run (floor bytes / time / copy bandwidth),
@@ -47,7 +49,7 @@ from rlhf_fast.bench import Timer, copy_bandwidth
 
 ROW_CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
 PPO_TILES = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
-# (_COUNT_TILE, _COUNT_WARPS) of the per-token PPO mask row-sum kernel, timed inside the whole step
+# (_COUNT_TILE, _COUNT_WARPS) of the per-token PPO mask row-sum pass, timed inside the whole step
 PPO_COUNT_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))
 SECTIONS = ("rows", "cluster", "ppo_tile", "ppo_count")
 CLUSTER_MODES = ("auto", "0", "1", "2", "4", "8")
@@ -219,20 +221,25 @@ def main(argv=None) -> int:
                 record("cluster", label, step, floor, ref_grad)
         del step, ref_grad
 
-    # 3. per-token PPO tiles, then (at the best forward tile of 3) the mask row-sum kernel's tile
+    # 3. per-token PPO: each launch schedule x forward tile, then (at the best of those) the mask
+    # row-sum pass's tile
     if "ppo_tile" in sections or "ppo_count" in sections:
         B, T = (16, 300) if small else (1024, 8192)
         step, floor = _ppo_policy_step(B, T, device, gen)
         ref_grad = step()
-        for tile, warps in PPO_TILES if "ppo_tile" in sections else ():
-            with ppo_tile_override(tile, warps):
-                record("ppo_tile", f"ppo_policy_loss {B}x{T} tile={tile} warps={warps}", step, floor, ref_grad)
-        # entries follow PPO_TILES (one per config); none ran: keep the default tile
-        timed = [(e["ms"], config) for e, config in zip(results["ppo_tile"], PPO_TILES) if "ms" in e]
-        tile, warps = min(timed)[1] if timed else (None, None)
+        configs = [(s, t, w) for s in ppo_kernels.SCHEDULES for t, w in PPO_TILES] if "ppo_tile" in sections else []
+        for schedule, tile, warps in configs:
+            # on CPU / under the interpreter every schedule runs split (launch_schedule says so)
+            with ppo_kernels.launch_mode(schedule), ppo_tile_override(tile, warps):
+                runs = ppo_kernels.launch_schedule(device)
+                label = f"ppo_policy_loss {B}x{T} launch={schedule} (runs {runs}) tile={tile} warps={warps}"
+                record("ppo_tile", label, step, floor, ref_grad)
+        # entries follow configs (one per config); none ran: keep the default schedule and tile
+        timed = [(e["ms"], config) for e, config in zip(results["ppo_tile"], configs) if "ms" in e]
+        schedule, tile, warps = min(timed)[1] if timed else ("auto", None, None)
         for count_tile, count_warps in PPO_COUNT_TILES if "ppo_count" in sections else ():
-            with ppo_tile_override(tile, warps, count_tile, count_warps):
-                label = f"ppo_policy_loss {B}x{T} tile={ppo_kernels._TILE} count={count_tile}/{count_warps}w"
+            with ppo_kernels.launch_mode(schedule), ppo_tile_override(tile, warps, count_tile, count_warps):
+                label = f"ppo_policy_loss {B}x{T} launch={schedule} tile={ppo_kernels._TILE} count={count_tile}/{count_warps}w"
                 record("ppo_count", label, step, floor, ref_grad)
 
     out_dir = Path(args.out)

@@ -20,25 +20,29 @@ per-row scale s_b that depends on the mask alone (rlhf_fast.aggregation.aggregat
 (n_seqs = max(#rows with sum_t m_bt > 0, 1)). So the weights are known before the loss, and the
 forward writes the FINAL gradient w * dL/dx, in the input's dtype:
 
-  1. `_mask_row_scales_kernel` (grid over row blocks): reads the mask once -> counts_b =
-     sum_t m_bt; the program that finishes last turns the B counts into s_b and sum m (for the
-     stat means);
-  2. `_ppo_fwd_kernel` (grid over [BLOCK_B, BLOCK_T] tiles, shared by both losses): reads
-     x, x_old, A or R, mask once; writes grad = w * dL/dx and per-tile partial sums (sum w L and
-     the stat numerators, plus a per-tile max ratio); the last program reduces the partials in a
-     fixed order into the loss and the stats.
+  COUNT: reads the mask once -> counts_b = sum_t m_bt; the program that finishes last turns the
+     B counts into s_b and sum m (for the stat means);
+  LOSS_PASS: over [BLOCK_B, BLOCK_T] tiles (shared by both losses): reads x, x_old, A or R, mask
+     once; writes grad = w * dL/dx and per-tile partial sums (sum w L and the stat numerators,
+     plus a per-tile max ratio); the last program reduces the partials in a fixed order into the
+     loss and the stats.
 "Last program": each program bumps an arrival counter (an atomic on a counter, never on a sum)
-after its stores; the one that sees n_programs - 1 does the reduction. The result is
-deterministic, and the forward is 2 launches plus one memset of a small work buffer instead of 4
-launches; at the benchmark size ([1024, 8192] fp32, ~50 us of memory traffic) each launch saved
-is a few us of host time and a few us of GPU time (a 1-program kernel and the gap before it).
-On sm_90+ the forward kernel is launched with programmatic dependent launch (PDL): the mask
-kernel lets it start once all its programs have started (griddepcontrol.launch_dependents), and
-the forward loads its four inputs and computes the per-token terms before it waits
-(griddepcontrol.wait) for the row scales. On an H100 (2026-11-23, before PDL) the mask kernel
-took 19.9 us and the forward 59.6 us of a 85 us step, the forward at 95 % of its traffic floor:
-the serialisation, not the traffic, was what PDL can take back (unmeasured yet; the benchmark's
-"no-PDL" column times the plain launch in the same run; RLHF_FAST_PPO_PDL=0 turns it off).
+after its stores; the one that sees n_programs - 1 does the reduction. Both phases live in one
+kernel, `_ppo_fwd_kernel`, as grid-stride loops, and are launched one of three ways
+(`launch_schedule`; every way gives the same bits):
+  fused (CUDA default): ONE cooperative launch of as many programs as fit on the GPU at once;
+     between the phases every program waits for a flag that the last counting program sets
+     once the row scales are stored. One launch (plus the memset of a small work buffer), no
+     gap between the phases, and the mask's second read right after its first (L2).
+  pdl (sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it starts
+     once every COUNT program has started, loads its inputs and computes the per-token terms,
+     and waits (griddepcontrol.wait) only before it reads the row scales.
+  split (CPU, the interpreter, a refused cooperative launch): COUNT, then LOSS_PASS.
+On an H100 (2026-11-23, split, the only schedule measured so far) the mask pass took 19.9 us and
+the loss pass 59.6 us of a 85 us step, the loss pass at 95 % of its traffic floor: the
+serialisation, the ramp and tail of the short mask pass, and the launch gap, not the traffic,
+are what the fused and pdl schedules take back (the benchmark times all three side by side;
+RLHF_FAST_PPO_LAUNCH picks one).
 Backward scales the saved gradient in place by grad_output with the shared in-place kernel of
 rlhf_fast.kernels.ppo_from_logits (`scale_grad_`): every program loads grad_output from its pointer
 and returns at once when it is 1, so the common `loss.backward()` moves no [B, T] bytes and never
@@ -48,7 +52,7 @@ autograd wrappers in rlhf_fast/ppo.py detect it and raise.)
 Bytes for [B, T] = [1024, 8192] fp32 inputs and gradient (32 MiB per [B, T] fp32 array):
     bool mask:  forward 8 (mask sums) + 3 * 32 + 8 (inputs) + 32 (grad) = 144 MiB; backward ~0.
     fp32 mask:  forward 32 + 4 * 32 + 32 = 192 MiB; backward ~0 (grad_output == 1).
-(HBM bytes: the mask kernel loads with L2 evict_last and the forward streams everything else
+(HBM bytes: the mask pass loads with L2 evict_last and the loss pass streams everything else
 with evict_first, so where the mask fits in L2 (50 MB on an H100) its second read can come
 from there; unmeasured so far.)
 The second read of the mask is the price of weights that depend on global mask totals; the
@@ -96,17 +100,19 @@ _WARPS = 8
 # Mask row sums: 8192 elements per loop iteration (8 KB of a bool mask, 32 KB of a float one).
 _COUNT_TILE = 8192
 _COUNT_WARPS = 8
-# Lanes of the last-program reductions: row scales over B (in the mask kernel), finalize over the
-# tiles (in the forward kernel, whose register count it must not raise: 1024 lanes of 8 planes
+# Lanes of the last-program reductions: row scales over B (in the count phase), finalize over the
+# tiles (in the loss phase, whose register count it must not raise: 1024 lanes of 8 planes
 # took the fp32 policy kernel from 63 to 79 registers on sm_90, 512 leaves it at 63).
 _REDUCE_BLOCK = 1024
 _FINALIZE_BLOCK = 512
 # Work buffer of one forward call: int32, zero-initialised (one allocation, one memset). Header:
-# the arrival counters of the two kernels (padded to 16 bytes); then fp32 counts [B], row scales
-# [B], sum m [1]; then, 16-byte aligned, the fp32 per-tile partials [N_PLANES, n_tiles].
+# the arrival counters of the two phases and the fused launch's row-scales-ready flag (padded to
+# 16 bytes); then fp32 counts [B], row scales [B], sum m [1]; then, 16-byte aligned, the fp32
+# per-tile partials [N_PLANES, n_tiles].
 _WORK_HEADER = tl.constexpr(4)
 _COUNTER_ROW_SCALES = tl.constexpr(0)
 _COUNTER_TILES = tl.constexpr(1)
+_FLAG_ROW_SCALES = tl.constexpr(2)
 
 
 def _work_size(B: int, n_planes: int, n_tiles: int) -> int:
@@ -121,9 +127,14 @@ def _tile_config(B: int, T: int, tile: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _tile_offsets(B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+def _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows [BLOCK_B] and columns [BLOCK_T] (int64) of tile number `tile` (row-major over the
+    [cdiv(B, BLOCK_B), n_col_tiles] tiles), with their in-bounds masks."""
+    tile_b = tile // n_col_tiles
+    tile_t = tile - tile_b * n_col_tiles
+    # tile_b * BLOCK_B < B and tile_t * BLOCK_T < T fit in int32; the products with the strides do not.
+    rows = (tile_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (tile_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     return rows, cols, rows < B, cols < T
 
 
@@ -144,8 +155,8 @@ def _tile_sum(x):
 @triton.jit
 def _work_views(work_ptr, B):
     """Pointers into the one zero-initialised int32 work buffer of a forward call (layout at
-    WORK_* below): the two arrival counters, then fp32 counts [B] | row scales [B] | sum m [1],
-    then the fp32 per-tile partials [N_PLANES, n_tiles]."""
+    _WORK_HEADER above): fp32 counts [B] | row scales [B] | sum m [1], then the fp32 per-tile
+    partials [N_PLANES, n_tiles]."""
     f32 = work_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
     counts = f32 + _WORK_HEADER
     return counts, counts + B, counts + 2 * B, f32 + _part_offset(B)
@@ -166,6 +177,24 @@ def _is_last_program(counter_ptr, n_programs):
     tl.debug_barrier()  # every thread's stores issued before the release below
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     return arrived == n_programs - 1
+
+
+@triton.jit
+def _set_flag(flag_ptr):
+    """Release: everything this program stored before is visible to a program that then sees the flag."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release")
+
+
+@triton.jit
+def _wait_for_flag(flag_ptr):
+    """Spin until another program has set the flag (acquire). Only safe when every program of the
+    grid is resident at once: the fused launch is a cooperative launch, which guarantees that (or
+    fails to launch); the interpreter runs programs one after another, so it never gets here."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    while seen == 0:
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    tl.debug_barrier()  # the acquiring thread's view before any thread reads the row scales
 
 
 @triton.jit
@@ -199,40 +228,19 @@ def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG: t
 
 
 @triton.jit
-def _mask_row_scales_kernel(
-    mask_ptr,
-    mask_sb,
-    mask_st,
-    work_ptr,  # int32 work buffer (zeroed): writes counts, row scales and sum m
-    B,
-    T,
-    horizon,
-    loss_scale,
-    AGG: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    REDUCE_BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Grid over row blocks: counts_b = sum_t m_bt; the last program then turns all the counts
-    into the row scales s_b and sum m. PDL: let the forward kernel (launched with programmatic
-    dependent launch) start as soon as every program of this one has started."""
-    if PDL:
-        gdc_launch_dependents()
-    counts_ptr, scale_ptr, total_ptr, _ = _work_views(work_ptr, B)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+def _count_rows(mask_ptr, mask_sb, mask_st, counts_ptr, row_block, B, T, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """counts_b = sum_t m_bt for the BLOCK_B rows of row block `row_block`, in a fixed order."""
+    rows = (row_block * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
     lanes = tl.arange(0, BLOCK_T).to(tl.int64)
     acc = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + lanes
-        # evict_last: the forward kernel reads the mask again right after; at the benchmark size
+        # evict_last: the loss phase reads the mask again right after; at the benchmark size
         # (a 32 MiB fp32 mask, 50 MB of L2 on an H100) that second read can come from L2.
         valid = row_ok[:, None] & (cols < T)[None, :]
         acc += _load_tile(mask_ptr, mask_sb, mask_st, rows, cols, valid, "evict_last")
     tl.store(counts_ptr + rows, tl.sum(acc, axis=1), mask=row_ok)
-    if _is_last_program(work_ptr + _COUNTER_ROW_SCALES, tl.num_programs(0)):
-        _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -249,47 +257,43 @@ def _value_clip_term(v, v_old, ret, clip_eps):
 
 
 @triton.jit
-def _ppo_fwd_kernel(
-    x_ptr,  # logprobs | values: the differentiable input
+def _loss_tile(
+    tile,
+    n_col_tiles,
+    x_ptr,
     x_sb,
     x_st,
-    a_ptr,  # old_logprobs | old_values
+    a_ptr,
     a_sb,
     a_st,
-    b_ptr,  # advantages | returns
+    b_ptr,
     b_sb,
     b_st,
     mask_ptr,
     mask_sb,
     mask_st,
-    work_ptr,  # int32 work buffer: reads the row scales s_b; per-tile partials; arrival counter
-    grad_ptr,  # [B, T] contiguous, x's dtype: w * dL/dx
-    loss_ptr,  # 0-d fp32 out
-    stats_ptr,  # [N_SUMS - 1 + HAS_MAX] fp32 out
+    scale_ptr,
+    part_ptr,
+    grad_ptr,
     B,
     T,
     n_tiles,
-    clip_low,  # policy: eps_low; value: clip_eps
-    clip_high,  # policy: eps_high
+    clip_low,
+    clip_high,
     dual_clip,
     LOSS: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    N_SUMS: tl.constexpr,
-    N_SUMS_P2: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Grid over [BLOCK_B, BLOCK_T] tiles: loss terms, the final gradient and per-tile partials;
-    the last tile's program then reduces the partials into the loss and the stats.
-    PDL (launched with programmatic dependent launch after the mask kernel): the inputs are loaded
-    and the per-token terms computed while the mask kernel may still run; gdc_wait() then waits
-    for it (and its stores) before the row scales are read. Nothing before the wait reads or
-    writes what the mask kernel writes."""
-    _, scale_ptr, total_ptr, part_ptr = _work_views(work_ptr, B)
-    rows, cols, row_ok, col_ok = _tile_offsets(B, T, BLOCK_B, BLOCK_T)
+    """One [BLOCK_B, BLOCK_T] tile: loss terms, the final gradient w * dL/dx and the tile's
+    partial sums (column `tile` of the partial planes).
+    PDL: the inputs are loaded and the per-token terms computed before gdc_wait(), which waits
+    for the mask pass of the previous launch (and its stores) before the row scales are read.
+    Nothing before the wait reads or writes what that pass writes."""
+    rows, cols, row_ok, col_ok = _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B, BLOCK_T)
     valid = row_ok[:, None] & col_ok[None, :]
     # Every input is read once here (the mask for the second and last time): evict_first, so the
     # streamed inputs do not push the not-yet-read part of the mask out of L2.
@@ -309,15 +313,14 @@ def _ppo_fwd_kernel(
         mean_term = x  # vpred_mean
 
     if PDL:
-        gdc_wait()  # the mask kernel has finished: its row scales and sum m are visible
-    w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        gdc_wait()  # the mask pass has finished: its row scales and sum m are visible
+    w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0, cache_modifier=".cg")[:, None]
 
     if WRITE_GRAD:
         grad = tl.where(counted, w * dloss, 0.0)
         grad_ptrs = grad_ptr + rows[:, None] * T + cols[None, :]
         tl.store(grad_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=valid, eviction_policy="evict_first")
 
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + tile, _tile_sum(tl.where(counted, w * loss, 0.0)))
     tl.store(part_ptr + n_tiles + tile, _tile_sum(tl.where(counted & clipped, m, 0.0)))
     tl.store(part_ptr + 2 * n_tiles + tile, _tile_sum(tl.where(counted, m * mean_term, 0.0)))
@@ -327,8 +330,118 @@ def _ppo_fwd_kernel(
         tile_max = tl.max(tl.max(tl.where(counted, ratio, -float("inf")), axis=1), axis=0)
         tl.store(part_ptr + 5 * n_tiles + tile, tile_max)
 
-    if _is_last_program(work_ptr + _COUNTER_TILES, n_tiles):
-        _finalize(part_ptr, total_ptr, loss_ptr, stats_ptr, n_tiles, N_SUMS, N_SUMS_P2, LOSS == 0, BLOCK_R)
+
+# Phases of _ppo_fwd_kernel (a bit set).
+COUNT, LOSS_PASS, BOTH = 1, 2, 3
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    x_ptr,  # logprobs | values: the differentiable input
+    x_sb,
+    x_st,
+    a_ptr,  # old_logprobs | old_values
+    a_sb,
+    a_st,
+    b_ptr,  # advantages | returns
+    b_sb,
+    b_st,
+    mask_ptr,
+    mask_sb,
+    mask_st,
+    work_ptr,  # int32 work buffer (zeroed per call): counters, counts, row scales, partials
+    grad_ptr,  # [B, T] contiguous, x's dtype: w * dL/dx
+    loss_ptr,  # 0-d fp32 out
+    stats_ptr,  # [N_SUMS - 1 + HAS_MAX] fp32 out
+    B,
+    T,
+    n_row_blocks,  # mask row blocks of COUNT_BLOCK_B rows
+    n_col_tiles,
+    n_tiles,
+    horizon,
+    loss_scale,
+    clip_low,  # policy: eps_low; value: clip_eps
+    clip_high,  # policy: eps_high
+    dual_clip,
+    PHASES: tl.constexpr,  # COUNT | LOSS_PASS | BOTH
+    AGG: tl.constexpr,
+    LOSS: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    COUNT_BLOCK_B: tl.constexpr,
+    COUNT_BLOCK_T: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
+    N_SUMS: tl.constexpr,
+    N_SUMS_P2: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The whole forward, as grid-stride loops (a program takes work items pid, pid + nprog, ...):
+
+    COUNT: mask row counts over the row blocks; the program that finishes last turns them into the
+        row scales s_b and sum m.
+    LOSS_PASS: loss terms, the final gradient and per-tile partials over the tiles; the program
+        that finishes last reduces the partials into the loss and the stats.
+    BOTH (the fused launch): COUNT, then every program waits for the row scales (a flag the last
+        counting program sets), then LOSS_PASS. Needs every program resident at once: launched
+        as a cooperative grid of at most as many programs as fit on the GPU.
+
+    The split launches are COUNT over n_row_blocks programs then LOSS_PASS over n_tiles programs
+    (one work item each). Every result is independent of the grid size and of the schedule: each
+    count, partial and final sum is computed by one program in a fixed order.
+    PDL (split launches on sm_90+, both launches): COUNT lets the LOSS_PASS launch start once all
+    its programs have started; LOSS_PASS waits (gdc_wait) only before it reads the row scales."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    counts_ptr, scale_ptr, total_ptr, part_ptr = _work_views(work_ptr, B)
+    if PHASES & 1:
+        if PDL:
+            gdc_launch_dependents()
+        for row_block in range(pid, n_row_blocks, n_programs):
+            _count_rows(mask_ptr, mask_sb, mask_st, counts_ptr, row_block, B, T, COUNT_BLOCK_B, COUNT_BLOCK_T)
+        if _is_last_program(work_ptr + _COUNTER_ROW_SCALES, n_programs):
+            _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG, REDUCE_BLOCK)
+            if PHASES == 3:
+                _set_flag(work_ptr + _FLAG_ROW_SCALES)
+    if PHASES == 3:
+        _wait_for_flag(work_ptr + _FLAG_ROW_SCALES)
+    if PHASES & 2:
+        for tile in range(pid, n_tiles, n_programs):
+            _loss_tile(
+                tile,
+                n_col_tiles,
+                x_ptr,
+                x_sb,
+                x_st,
+                a_ptr,
+                a_sb,
+                a_st,
+                b_ptr,
+                b_sb,
+                b_st,
+                mask_ptr,
+                mask_sb,
+                mask_st,
+                scale_ptr,
+                part_ptr,
+                grad_ptr,
+                B,
+                T,
+                n_tiles,
+                clip_low,
+                clip_high,
+                dual_clip,
+                LOSS,
+                HAS_DUAL,
+                WRITE_GRAD,
+                BLOCK_B,
+                BLOCK_T,
+                PDL,
+            )
+        if _is_last_program(work_ptr + _COUNTER_TILES, n_programs):
+            _finalize(part_ptr, total_ptr, loss_ptr, stats_ptr, n_tiles, N_SUMS, N_SUMS_P2, LOSS == 0, BLOCK_R)
 
 
 @triton.jit
@@ -376,29 +489,102 @@ def _finalize(
 # Launchers. Callers (rlhf_fast/ppo.py) validate arguments; inputs are [B, T] with any strides.
 
 
-PDL_ENV = "RLHF_FAST_PPO_PDL"
+LAUNCH_ENV = "RLHF_FAST_PPO_LAUNCH"
+SCHEDULES = ("fused", "pdl", "split")
+
+# Devices where the driver refused a cooperative launch of even one program per SM (a process
+# limited to part of the GPU, e.g. under MPS): the forward runs split there.
+_NO_FUSED: set[int] = set()
+# Programs per SM of a fused launch, per kernel specialisation and device: learned from the
+# compiled kernel (registers, shared memory) after its first launch, which uses one per SM.
+_FUSED_PROGRAMS_PER_SM: dict[tuple, int] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
-def _device_has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _device_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether the forward kernel is launched with programmatic dependent launch after the mask
-    kernel (sm_90+; griddepcontrol does not exist before). Off under TRITON_INTERPRET (the
-    interpreter has no grid dependency control) and with RLHF_FAST_PPO_PDL=0 (benchmarks time
-    both in one run)."""
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_schedule(device: torch.device) -> str:
+    """How the forward is launched for tensors on `device`:
+
+    "fused": one cooperative launch; the programs wait for the row scales inside the kernel
+        (the default on CUDA);
+    "pdl": the count launch, then the loss launch with programmatic dependent launch (sm_90+);
+    "split": the count launch, then the loss launch after it has finished.
+
+    RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors
+    and TRITON_INTERPRET always run split (the interpreter runs programs one after another: no
+    grid-wide wait, no griddepcontrol); pdl before sm_90, and fused where the driver refused the
+    cooperative launch, run split too. Every schedule gives the same bits."""
+    choice = os.environ.get(LAUNCH_ENV) or "auto"
+    if choice not in ("auto", *SCHEDULES):
+        raise ValueError(f"{LAUNCH_ENV}={choice!r}: expected one of auto, fused, pdl, split")
     if device.type != "cuda" or triton_interpreting():
-        return False
-    if os.environ.get(PDL_ENV, "1") == "0":
-        return False
-    return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
+        return "split"
+    index = _device_index(device)
+    if choice in ("auto", "fused"):
+        return "split" if index in _NO_FUSED else "fused"
+    if choice == "pdl" and _device_capability(index)[0] < 9:
+        return "split"
+    return choice
 
 
-def pdl_mode(on: bool):
-    """RLHF_FAST_PPO_PDL=1/0 inside the block, restored after."""
-    return env_set(PDL_ENV, "1" if on else "0")
+def launch_mode(schedule: str):
+    """RLHF_FAST_PPO_LAUNCH=schedule inside the block, restored after (the benchmark times the
+    schedules side by side)."""
+    return env_set(LAUNCH_ENV, schedule)
+
+
+def _resident_programs_per_sm(compiled, device_index: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once: registers (allocated per warp
+    in units of 256), threads, shared memory (+1 KB per block the driver reserves)."""
+    props = torch.cuda.get_device_properties(device_index)
+    warps = compiled.metadata.num_warps
+    regs_per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 1536) // (32 * warps)
+    shared = int(compiled.metadata.shared)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+    by_smem = smem // (shared + 1024) if shared and smem else by_threads
+    return max(1, min(by_regs, by_threads, by_smem))
+
+
+def _launch_fused(args, constexprs, n_work: int, device: torch.device) -> bool:
+    """The forward as ONE cooperative launch of at most as many programs as fit on the GPU (the
+    programs wait for each other inside the kernel; a cooperative launch guarantees they are all
+    resident, or is refused by the driver instead of hanging). Returns False, having launched
+    nothing, when even one program per SM is refused: the caller then launches split."""
+    index = _device_index(device)
+    key = (index, *constexprs.values(), *(t.dtype for t in args[:12:3]))
+    per_sm = _FUSED_PROGRAMS_PER_SM.get(key, 1)
+    while True:
+        grid = (max(1, min(n_work, _sm_count(index) * per_sm)),)
+        try:
+            compiled = _ppo_fwd_kernel[grid](
+                *args, PHASES=BOTH, PDL=False, num_warps=_WARPS, launch_cooperative_grid=True, **constexprs
+            )
+        except RuntimeError as exc:  # "too many blocks in cooperative launch": nothing ran
+            if "cooperative" not in str(exc):
+                raise
+            if per_sm == 1:
+                _NO_FUSED.add(index)
+                return False
+            per_sm //= 2
+            _FUSED_PROGRAMS_PER_SM[key] = per_sm
+            continue
+        if key not in _FUSED_PROGRAMS_PER_SM:
+            _FUSED_PROGRAMS_PER_SM[key] = _resident_programs_per_sm(compiled, index) if compiled is not None else 1
+        return True
 
 
 def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale):
@@ -415,33 +601,13 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         return loss, stats, grad
     m = kernel_mask(mask)
     block_b, block_t = _tile_config(B, T, _TILE)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(T, block_t))
-    n_tiles = grid[0] * grid[1]
-    n_planes = n_sums + int(has_max)
-    work = torch.zeros((_work_size(B, n_planes, n_tiles),), dtype=torch.int32, device=dev)
-
-    pdl = pdl_enabled(dev)
-    # 1: row counts of the mask, then (last program) the aggregation weights' row scales.
     count_b, count_t = _tile_config(B, T, _COUNT_TILE)
-    _mask_row_scales_kernel[(triton.cdiv(B, count_b),)](
-        m,
-        m.stride(0),
-        m.stride(1),
-        work,
-        B,
-        T,
-        float(horizon),
-        float(loss_scale),
-        AGG=AGG_CODES[agg],
-        BLOCK_B=count_b,
-        BLOCK_T=count_t,
-        REDUCE_BLOCK=min(_REDUCE_BLOCK, triton.next_power_of_2(B)),
-        PDL=pdl,
-        num_warps=_COUNT_WARPS,
-    )
+    n_row_blocks = triton.cdiv(B, count_b)
+    n_col_tiles = triton.cdiv(T, block_t)
+    n_tiles = triton.cdiv(B, block_b) * n_col_tiles
+    work = torch.zeros((_work_size(B, n_sums + int(has_max), n_tiles),), dtype=torch.int32, device=dev)
 
-    # 2: loss terms, final gradient, per-tile partials, then (last program) loss and stats.
-    _ppo_fwd_kernel[grid](
+    args = (
         x,
         x.stride(0),
         x.stride(1),
@@ -460,22 +626,37 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         stats,
         B,
         T,
+        n_row_blocks,
+        n_col_tiles,
         n_tiles,
+        float(horizon),
+        float(loss_scale),
         float(clip_low),
         float(clip_high),
         0.0 if dual_clip is None else float(dual_clip),
-        LOSS=loss_kind,
-        HAS_DUAL=dual_clip is not None,
-        WRITE_GRAD=write_grad,
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
-        N_SUMS=n_sums,
-        N_SUMS_P2=triton.next_power_of_2(n_sums),
-        BLOCK_R=min(_FINALIZE_BLOCK, triton.next_power_of_2(n_tiles)),
-        PDL=pdl,
-        num_warps=_WARPS,
-        launch_pdl=pdl,
     )
+    constexprs = {
+        "AGG": AGG_CODES[agg],
+        "LOSS": loss_kind,
+        "HAS_DUAL": dual_clip is not None,
+        "WRITE_GRAD": write_grad,
+        "BLOCK_B": block_b,
+        "BLOCK_T": block_t,
+        "COUNT_BLOCK_B": count_b,
+        "COUNT_BLOCK_T": count_t,
+        "REDUCE_BLOCK": min(_REDUCE_BLOCK, triton.next_power_of_2(B)),
+        "N_SUMS": n_sums,
+        "N_SUMS_P2": triton.next_power_of_2(n_sums),
+        "BLOCK_R": min(_FINALIZE_BLOCK, triton.next_power_of_2(n_tiles)),
+    }
+    schedule = launch_schedule(dev)
+    if schedule == "fused" and _launch_fused(args, constexprs, max(n_tiles, n_row_blocks), dev):
+        return loss, stats, grad
+    pdl = schedule == "pdl"
+    # 1: row counts of the mask, then (last program) the aggregation weights' row scales.
+    _ppo_fwd_kernel[(n_row_blocks,)](*args, PHASES=COUNT, PDL=pdl, num_warps=_COUNT_WARPS, **constexprs)
+    # 2: loss terms, final gradient, per-tile partials, then (last program) loss and stats.
+    _ppo_fwd_kernel[(n_tiles,)](*args, PHASES=LOSS_PASS, PDL=pdl, num_warps=_WARPS, launch_pdl=pdl, **constexprs)
     return loss, stats, grad
 
 

@@ -216,7 +216,7 @@ def check_same_device(**tensors) -> torch.device:
 @contextlib.contextmanager
 def env_set(name: str, value: str):
     """Environment variable `name` = value inside the block, restored (or removed) after: the
-    benchmarks time a kernel switch's two sides in one run (RLHF_FAST_PPO_CLUSTER, _PPO_PDL)."""
+    benchmarks time a kernel switch's sides in one run (RLHF_FAST_PPO_CLUSTER, _PPO_LAUNCH)."""
     saved = os.environ.get(name)
     os.environ[name] = value
     try:

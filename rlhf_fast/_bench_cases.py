@@ -491,21 +491,26 @@ def _eager_ppo_policy(inp):
     return loss, clipfrac.detach(), approx_kl
 
 
-def _rlhf_no_pdl():
-    # rlhf_fast with the per-token PPO forward launched the plain way (RLHF_FAST_PPO_PDL=0) next to
-    # the default (programmatic dependent launch after the mask row-sum kernel, sm_90+): what
-    # overlapping the two kernels buys, measured in the same run. Not run where PDL is off anyway.
-    import rlhf_fast
-    from rlhf_fast.kernels.ppo import pdl_enabled, pdl_mode
+def _rlhf_launch(schedule):
+    # rlhf_fast's per-token PPO forward launched another way (RLHF_FAST_PPO_LAUNCH, kernels/ppo.py)
+    # next to the default (fused: one cooperative launch): "pdl" (two launches, the second with
+    # programmatic dependent launch, sm_90+) and "split" (two launches, one after the other),
+    # measured in the same run. Not run where that schedule would not run as such.
+    def factory():
+        import rlhf_fast
+        from rlhf_fast.kernels.ppo import launch_mode, launch_schedule
 
-    if not torch.cuda.is_available() or not pdl_enabled(torch.device("cuda", torch.cuda.current_device())):
-        raise RuntimeError("no programmatic dependent launch here (needs sm_90+, not RLHF_FAST_PPO_PDL=0)")
+        with launch_mode(schedule):
+            if launch_schedule(torch.device("cuda", torch.cuda.current_device())) != schedule:
+                raise RuntimeError(f"the {schedule} launch does not run here (pdl needs sm_90+)")
 
-    def forward(inp):
-        with pdl_mode(False):
-            return _ppo_policy_call(rlhf_fast.ppo_policy_loss, inp)
+        def forward(inp):
+            with launch_mode(schedule):
+                return _ppo_policy_call(rlhf_fast.ppo_policy_loss, inp)
 
-    return forward
+        return forward
+
+    return factory
 
 
 def _ppo_policy_bytes(shape, dtype, mode):
@@ -745,10 +750,10 @@ _add(
         output_names=("loss",),
         bytes_moved=_ppo_policy_bytes,
         peers={"eager": _eager_ppo_policy, "compile": _eager_ppo_policy},
-        gpu_peers={"no-pdl": _rlhf_no_pdl},
+        gpu_peers={"pdl": _rlhf_launch("pdl"), "split": _rlhf_launch("split")},
         subset=_leading_rows_subset,
-        notes="no-PDL: rlhf_fast with RLHF_FAST_PPO_PDL=0 (the forward kernel launched after the mask "
-        "kernel has finished, instead of overlapping it)",
+        notes="rlhf_fast: one cooperative launch (fused); pdl / split: RLHF_FAST_PPO_LAUNCH=pdl (mask pass, "
+        "then the loss pass with programmatic dependent launch) / =split (the two one after the other)",
     )
 )
 _add(

@@ -73,13 +73,16 @@ KERNEL_CHECK_MAX_ELEMS = 2**15
 # name -> callable used instead of rlhf_fast.<name> (same signature, backend= included).
 FAST_OVERRIDES: dict[str, Callable] = {}
 
-PEER_ORDER = ("rlhf_fast", "eager", "compile", "inplace", "triton-rows", "no-pdl", "liger", "cce")
+# "no-pdl": a column of the 2026-11-23 H100 report (the split launch, then named for PDL=0).
+PEER_ORDER = ("rlhf_fast", "eager", "compile", "inplace", "triton-rows", "pdl", "split", "no-pdl", "liger", "cce")
 PEER_TITLES = {
     "rlhf_fast": "rlhf_fast",
     "inplace": "rlhf_fast inplace_backward",
     "eager": "eager",
     "compile": "compile",
     "triton-rows": "rlhf_fast triton-rows",
+    "pdl": "rlhf_fast pdl",
+    "split": "rlhf_fast split",
     "no-pdl": "rlhf_fast no-PDL",
     "liger": "Liger",
     "cce": "CCE",

@@ -7,10 +7,11 @@
 
 Fast path: `rlhf_fast.kernels.ppo`. Every aggregation mode weights token (b, t) by m_bt * s_b with
 a row scale s_b that depends on the mask alone, so the forward first reduces the mask to those
-scales (one cheap pass over the mask), then one fused Triton kernel reads each input once and
-writes the FINAL per-token gradient (in the input's dtype) plus per-tile partial sums, which the
-last of its programs to finish reduces in a fixed order (deterministic; atomics only on an arrival
-counter) into the loss and the stats: two launches and a small memset per forward.
+scales (one cheap pass over the mask), then reads each input once and writes the FINAL per-token
+gradient (in the input's dtype) plus per-tile partial sums, which the last program to finish
+reduces in a fixed order (deterministic; atomics only on arrival counters) into the loss and the
+stats. On CUDA both passes run in one cooperative launch (plus a small memset); elsewhere, or with
+RLHF_FAST_PPO_LAUNCH=pdl|split, as two launches. Every schedule gives the same bits.
 The backward only multiplies that gradient by grad_output, in place, and does no work at all
 (no host sync either) when grad_output == 1. Hence a second backward through the same graph
 (retain_graph=True) raises RuntimeError: the saved gradient was already handed out (and scaled).

@@ -53,6 +53,7 @@ EXIT_UNSUPPORTED = 3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90
 I64_SHIFT = 2**32  # added to every int argument of an "i64" case: forces Triton's i64 specialization
+SCHEDULES = ("split", "pdl", "fused")  # kernels/ppo.py's launch schedules
 MANY_REGISTERS = 128  # more than this per thread: fewer than 2 blocks of 256 threads per SM
 
 try:
@@ -384,40 +385,48 @@ class Cases:
         return Case(_label("ppo_from_logits.scale_grad_", dtype, f"V={V}", i64=i64), call, i64)
 
     # -- [B, T] PPO losses ---------------------------------------------------------------------------
-    def _with_pdl(self, call, pdl: bool):
-        """The launcher call with kernels/ppo.py's programmatic-dependent-launch switch forced
-        (it is off for the CPU tensors given here; on an sm_90 GPU it is on)."""
-        if not pdl:
+    def _with_schedule(self, call, schedule: str):
+        """The launcher call with kernels/ppo.py's launch schedule forced (CPU tensors always run
+        split; an sm_90 GPU runs fused by default, or pdl): a fused launch is sized for a 132-SM
+        device at one program per SM (the hook returns no compiled kernel to learn more from)."""
+        if schedule == "split":
             return call
         ppo = self.kernels["ppo"]
+        patches = {
+            "launch_schedule": lambda device: schedule,
+            "_device_index": lambda device: 0,
+            "_sm_count": lambda index: 132,
+        }
 
         def forced():
-            saved = ppo.pdl_enabled
-            ppo.pdl_enabled = lambda device: True
+            saved = {name: getattr(ppo, name) for name in patches}
+            for name, value in patches.items():
+                setattr(ppo, name, value)
             try:
                 call()
             finally:
-                ppo.pdl_enabled = saved
+                for name, value in saved.items():
+                    setattr(ppo, name, value)
 
         return forced
 
-    def ppo_policy(self, dtype, shape, mask_dtype, agg, dual_clip, write_grad, pdl=False) -> Case:
+    def ppo_policy(self, dtype, shape, mask_dtype, agg, dual_clip, write_grad, schedule="split") -> Case:
         x = torch.zeros(*shape, dtype=dtype)
         mask = torch.ones(*shape, dtype=mask_dtype)
         call = functools.partial(
             self.kernels["ppo"].ppo_policy_forward, x, x, x, mask, 0.2, 0.2, dual_clip, agg, 16.0, write_grad
         )
-        flags = (f"dual_clip={dual_clip}", "write_grad" if write_grad else "no_grad") + (("pdl",) if pdl else ())
+        flags = (f"dual_clip={dual_clip}", "write_grad" if write_grad else "no_grad", schedule)
         label = _label("ppo_policy_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags)
-        return Case(label, self._with_pdl(call, pdl))
+        return Case(label, self._with_schedule(call, schedule))
 
-    def ppo_value(self, dtype, shape, mask_dtype, agg, write_grad, pdl=False) -> Case:
+    def ppo_value(self, dtype, shape, mask_dtype, agg, write_grad, schedule="split") -> Case:
         x = torch.zeros(*shape, dtype=dtype)
         mask = torch.ones(*shape, dtype=mask_dtype)
         call = functools.partial(self.kernels["ppo"].ppo_value_forward, x, x, x, mask, 0.2, agg, 16.0, write_grad)
-        flags = ("write_grad" if write_grad else "no_grad",) + (("pdl",) if pdl else ())
+        flags = ("write_grad" if write_grad else "no_grad", schedule)
         label = _label("ppo_value_forward", dtype, f"{shape}", f"mask={mask_dtype}", agg, *flags)
-        return Case(label, self._with_pdl(call, pdl))
+        return Case(label, self._with_schedule(call, schedule))
 
     def ppo_scale(self, dtype, shape) -> Case:
         call = functools.partial(self.kernels["ppo"].scale_grad_, torch.zeros(*shape, dtype=dtype), torch.tensor(2.0))
@@ -513,10 +522,15 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.ppo_value(BF16, big, torch.bool, aggs[3], True),
         c.ppo_value(FP16, big, torch.float32, aggs[0], False),
         c.ppo_scale(BF16, big),
-        # programmatic dependent launch (griddepcontrol), what an sm_90 GPU runs
-        c.ppo_policy(FP32, big, torch.float32, aggs[0], None, True, pdl=True),
-        c.ppo_policy(BF16, big, torch.bool, aggs[2], 3.0, True, pdl=True),
-        c.ppo_value(FP32, big, torch.float32, aggs[1], True, pdl=True),
+        # what a GPU runs: one cooperative launch (fused, the default), or programmatic dependent
+        # launch (griddepcontrol, sm_90+)
+        c.ppo_policy(FP32, big, torch.float32, aggs[0], None, True, "fused"),
+        c.ppo_policy(BF16, big, torch.bool, aggs[2], 3.0, True, "fused"),
+        c.ppo_value(FP32, big, torch.float32, aggs[1], True, "fused"),
+        c.ppo_policy(FP32, tiny, torch.bool, aggs[3], 3.0, False, "fused"),
+        c.ppo_policy(FP32, big, torch.float32, aggs[0], None, True, "pdl"),
+        c.ppo_policy(BF16, big, torch.bool, aggs[2], 3.0, True, "pdl"),
+        c.ppo_value(FP32, big, torch.float32, aggs[1], True, "pdl"),
     ]
 
     # KL: each kind with and without a clamp, each dtype, each gradient selection; both
@@ -565,11 +579,13 @@ def full_cases(c: Cases, modules) -> list[Case]:
                 for agg in modules["ppo"].AGG_CODES:
                     for dual_clip in (None, 3.0):
                         for write_grad in (True, False):
-                            for pdl in (False, True):
-                                cases.append(c.ppo_policy(dtype, shape, mask_dtype, agg, dual_clip, write_grad, pdl))
+                            for schedule in SCHEDULES:
+                                cases.append(
+                                    c.ppo_policy(dtype, shape, mask_dtype, agg, dual_clip, write_grad, schedule)
+                                )
                     for write_grad in (True, False):
-                        for pdl in (False, True):
-                            cases.append(c.ppo_value(dtype, shape, mask_dtype, agg, write_grad, pdl))
+                        for schedule in SCHEDULES:
+                            cases.append(c.ppo_value(dtype, shape, mask_dtype, agg, write_grad, schedule))
             cases.append(c.ppo_scale(dtype, shape))
         for n in (10, 100000):
             for kind in KL_KINDS:
@@ -645,8 +661,10 @@ def main() -> int:
     compiler.install()
     builders = Cases(modules)
     cases = full_cases(builders, modules) if args.full else default_cases(builders, modules)
-    print(f"compiling the kernels of {Path(next(iter(modules.values())).__file__).parent} for sm_{ARCH}: "
-          f"{len(cases)} launcher calls")
+    print(
+        f"compiling the kernels of {Path(next(iter(modules.values())).__file__).parent} for sm_{ARCH}: "
+        f"{len(cases)} launcher calls"
+    )
     start = time.perf_counter()
     for case in cases:
         compiler.run_case(case)

@@ -630,44 +630,230 @@ def test_policy_loss_large_gpu():
             assert all(torch.equal(again[1][k], first[1][k]) for k in first[1])
 
 
-def test_pdl_switch_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
-    """Programmatic dependent launch (griddepcontrol, sm_90+) is chosen per device; it must stay off
-    for CPU tensors and under TRITON_INTERPRET (whose interpreter has no grid dependency control),
-    and RLHF_FAST_PPO_PDL=0 / pdl_mode(False) turns it off (the benchmark's no-PDL column)."""
+# ----------------------------------------------------------------------------------------------
+# Launch schedules (kernels/ppo.py: fused cooperative launch, pdl, split): same bits every way
+
+
+def test_launch_schedule_switch(monkeypatch):
+    """CPU tensors and the interpreter always run split (the interpreter runs programs one after
+    another: a grid-wide wait would hang and griddepcontrol does not exist); on CUDA the default
+    is fused, RLHF_FAST_PPO_LAUNCH picks, pdl needs sm_90+, and a bad value is an error."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
-    from rlhf_fast._bench_cases import _rlhf_no_pdl
-
-    assert not ppo_kernels.pdl_enabled(torch.device("cpu"))
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.delenv(ppo_kernels.LAUNCH_ENV, raising=False)
+    assert ppo_kernels.launch_schedule(torch.device("cpu")) == "split"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not ppo_kernels.pdl_enabled(torch.device("cuda", 0))  # decided before asking the device
+    for schedule in ppo_kernels.SCHEDULES:
+        with ppo_kernels.launch_mode(schedule):
+            assert ppo_kernels.launch_schedule(cuda0) == "split"  # decided before asking the device
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with ppo_kernels.pdl_mode(False):
-        assert not ppo_kernels.pdl_enabled(torch.device("cuda", 0))
-        assert os.environ[ppo_kernels.PDL_ENV] == "0"
-    assert ppo_kernels.PDL_ENV not in os.environ
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="programmatic dependent launch"):
-            _rlhf_no_pdl()
+    monkeypatch.setattr(ppo_kernels, "_device_capability", lambda index: (8, 0))
+    assert ppo_kernels.launch_schedule(cuda0) == "fused"
+    with ppo_kernels.launch_mode("pdl"):
+        assert ppo_kernels.launch_schedule(cuda0) == "split"  # no griddepcontrol before sm_90
+        monkeypatch.setattr(ppo_kernels, "_device_capability", lambda index: (9, 0))
+        assert ppo_kernels.launch_schedule(cuda0) == "pdl"
+        assert os.environ[ppo_kernels.LAUNCH_ENV] == "pdl"
+    assert ppo_kernels.LAUNCH_ENV not in os.environ
+    with ppo_kernels.launch_mode("split"):
+        assert ppo_kernels.launch_schedule(cuda0) == "split"
+    monkeypatch.setattr(ppo_kernels, "_NO_FUSED", {0})  # the driver refused a cooperative launch
+    assert ppo_kernels.launch_schedule(cuda0) == "split"
+    with ppo_kernels.launch_mode("cooperative"), pytest.raises(ValueError, match="RLHF_FAST_PPO_LAUNCH"):
+        ppo_kernels.launch_schedule(torch.device("cpu"))
+
+
+class _SmallGrid:
+    """Stands in for kernels/ppo.py's _ppo_fwd_kernel and launches the real one with at most
+    `n_programs` programs, so every program runs several iterations of the grid-stride loops."""
+
+    def __init__(self, kernel, n_programs):
+        self.kernel, self.n_programs = kernel, n_programs
+
+    def __getitem__(self, grid):
+        return self.kernel[(min(grid[0], self.n_programs),)]
+
+
+@pytest.mark.parametrize("n_programs", [1, 3])
+def test_results_do_not_depend_on_the_grid(n_programs, monkeypatch):
+    """Both phases are grid-stride loops and every sum has one owner and a fixed order, so the
+    fused launch (as many programs as fit on the GPU) and the split one (one per work item) must
+    give the same bits. Here: 1 or 3 programs for 5 row blocks and 10 tiles against the split grid."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setattr(ppo_kernels, "_TILE", 64)
+    monkeypatch.setattr(ppo_kernels, "_COUNT_TILE", 64)  # 2 rows per row block: 5 blocks for B = 9
+    logp, old, adv, mask = _policy_case(9, 70, seed=31, mask_kind="float")
+    values, old_values, returns, vmask = _value_case(9, 70, seed=32)
+    go = torch.tensor(0.7, device=DEVICE)
+    for agg in AGGS:
+        split = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+        split_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        with monkeypatch.context() as patch:
+            patch.setattr(ppo_kernels, "_ppo_fwd_kernel", _SmallGrid(ppo_kernels._ppo_fwd_kernel, n_programs))
+            small = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+            small_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        assert torch.equal(small[0], split[0]) and torch.equal(small[2], split[2]), agg
+        assert all(torch.equal(small[1][k], split[1][k]) for k in split[1]), agg
+        assert torch.equal(small_v[0], split_v[0]) and torch.equal(small_v[2], split_v[2]), agg
+        e_loss, _, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, dual_clip=3.0)
+        _close(small[0], e_loss)
+        _close(small[2], e_grad)
+
+
+class _CooperativeLimit:
+    """Stands in for _ppo_fwd_kernel on a GPU whose cooperative launches take at most `limit`
+    programs: a bigger fused (PHASES=BOTH) launch raises as Triton's launcher does; a fused launch
+    that fits runs as the real kernel's two phases over the same grid (the interpreter cannot run
+    the grid-wide wait, the phases' results are the same). Records the fused grids it was given."""
+
+    def __init__(self, kernel, limit):
+        self.kernel, self.limit, self.fused_grids = kernel, limit, []
+
+    def __getitem__(self, grid):
+        from rlhf_fast.kernels import ppo as ppo_kernels
+
+        def launch(*args, PHASES, launch_cooperative_grid=False, num_warps=4, **kwargs):
+            if PHASES != ppo_kernels.BOTH:
+                return self.kernel[grid](*args, PHASES=PHASES, num_warps=num_warps, **kwargs)
+            assert launch_cooperative_grid and not kwargs["PDL"]
+            self.fused_grids.append(grid[0])
+            if grid[0] > self.limit:
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            for phases in (ppo_kernels.COUNT, ppo_kernels.LOSS_PASS):
+                self.kernel[grid](*args, PHASES=phases, num_warps=num_warps, **kwargs)
+            return None  # no compiled-kernel handle: the launcher keeps its current programs per SM
+
+        return launch
+
+
+def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
+    """The fused launch asks for (SMs x programs per SM) programs; a refused cooperative launch
+    (nothing ran) is retried with half as many per SM, and where even one per SM is refused the
+    device runs split from then on. Results match the reference every way."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setattr(ppo_kernels, "_TILE", 64)
+    # The CPU tensors stand in for CUDA device 7 with 2 SMs, fused until the driver refuses it.
+    monkeypatch.setattr(ppo_kernels, "_device_index", lambda device: 7)
+    monkeypatch.setattr(
+        ppo_kernels, "launch_schedule", lambda device: "split" if 7 in ppo_kernels._NO_FUSED else "fused"
+    )
+    monkeypatch.setattr(ppo_kernels, "_sm_count", lambda index: 2)
+    monkeypatch.setattr(ppo_kernels, "_NO_FUSED", set())
+    monkeypatch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
+    logp, old, adv, mask = _policy_case(9, 70, seed=33)
+    go = torch.tensor(1.0, device=DEVICE)
+    e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference")
+
+    def run(limit):
+        fake = _CooperativeLimit(ppo_kernels._ppo_fwd_kernel, limit)
+        with monkeypatch.context() as patch:
+            patch.setattr(ppo_kernels, "_ppo_fwd_kernel", fake)
+            loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton")
+        _close(loss, e_loss)
+        _close(grad, e_grad)
+        for k in e_stats:
+            _close(stats[k], e_stats[k])
+        return fake.fused_grids
+
+    assert run(limit=64) == [2]  # first call: one program per SM (always resident)
+    (key,) = ppo_kernels._FUSED_PROGRAMS_PER_SM
+    ppo_kernels._FUSED_PROGRAMS_PER_SM[key] = 8  # as learned from a compiled kernel's registers
+    assert run(limit=64) == [16]  # 2 SMs x 8, under the 18 tiles
+    assert run(limit=5) == [16, 8, 4]  # refused twice, then 2 per SM fits
+    assert ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 2
+    assert run(limit=0) == [4, 2]  # even one per SM refused: split from now on
+    assert ppo_kernels._NO_FUSED == {7}
+    assert run(limit=64) == []
+
+
+def test_resident_programs_per_sm(monkeypatch):
+    """Occupancy from a compiled kernel: registers (per warp, in units of 256), threads, shared memory."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    h100 = SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: h100)
+
+    def compiled(n_regs, warps=8, shared=0):
+        return SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(num_warps=warps, shared=shared))
+
+    assert ppo_kernels._resident_programs_per_sm(compiled(63), 0) == 4  # 64 regs x 256 threads = 16K of 64K
+    assert ppo_kernels._resident_programs_per_sm(compiled(72), 0) == 3
+    assert ppo_kernels._resident_programs_per_sm(compiled(32), 0) == 8  # then 2048 threads bind
+    assert ppo_kernels._resident_programs_per_sm(compiled(32, shared=60000), 0) == 3
+    assert ppo_kernels._resident_programs_per_sm(compiled(255, warps=16), 0) == 1  # never below 1
 
 
 @pytest.mark.gpu
-def test_pdl_on_and_off_agree_bitwise_gpu():
-    """With PDL the forward kernel starts while the mask kernel still runs and waits (gdc_wait)
-    before it reads the row scales: every result must equal the plain launch's, bit for bit."""
+def test_launch_schedules_agree_bitwise_gpu():
+    """fused (one cooperative launch, a grid-wide wait), pdl (sm_90+) and split must give the same
+    bits, run after run (the arrival order of the programs changes, the sums' order does not)."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
     logp, old, adv, mask = _policy_case(512, 4100, seed=21, mask_kind="float")
     values, old_values, returns, vmask = _value_case(512, 4100, seed=22)
     go = torch.tensor(0.7, device=DEVICE)
+    dev = torch.device(DEVICE)
     for agg in AGGS:
-        with ppo_kernels.pdl_mode(False):
+        with ppo_kernels.launch_mode("split"):
+            assert ppo_kernels.launch_schedule(dev) == "split"
             plain = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
             plain_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
-        with ppo_kernels.pdl_mode(True):
-            for _ in range(5):
-                pdl = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-                assert torch.equal(pdl[0], plain[0]) and torch.equal(pdl[2], plain[2]), agg
-                assert all(torch.equal(pdl[1][k], plain[1][k]) for k in plain[1]), agg
-                pdl_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
-                assert torch.equal(pdl_v[0], plain_v[0]) and torch.equal(pdl_v[2], plain_v[2]), agg
+        for schedule in ("fused", "pdl"):
+            with ppo_kernels.launch_mode(schedule):
+                if schedule == "pdl" and torch.cuda.get_device_capability()[0] < 9:
+                    continue
+                assert ppo_kernels.launch_schedule(dev) == schedule
+                for _ in range(5):
+                    got = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+                    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2]), (schedule, agg)
+                    assert all(torch.equal(got[1][k], plain[1][k]) for k in plain[1]), (schedule, agg)
+                    got_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+                    assert torch.equal(got_v[0], plain_v[0]) and torch.equal(got_v[2], plain_v[2]), (schedule, agg)
+    # The fused launches ran as such (not refused and run split) with more than one program per SM
+    # learned from the compiled kernel.
+    assert not ppo_kernels._NO_FUSED
+    assert ppo_kernels._FUSED_PROGRAMS_PER_SM and min(ppo_kernels._FUSED_PROGRAMS_PER_SM.values()) >= 2
+
+
+@pytest.mark.gpu
+def test_fused_launch_in_a_cuda_graph_gpu():
+    """The default (fused, cooperative) forward and its backward captured in a CUDA graph and
+    replayed on new inputs give the eager results."""
+    logp, old, adv, mask = _policy_case(256, 3000, seed=41)
+    x = logp.detach().clone().requires_grad_()
+    static = [x, old.clone(), adv.clone(), mask.clone()]
+
+    def step():
+        x.grad = None
+        loss, stats = rlhf_fast.ppo_policy_loss(*static, agg="seq-mean-token-mean", backend="triton")
+        loss.backward()
+        return loss, stats["clipfrac"]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up: compile, and learn the programs per SM outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss, clipfrac = step()
+    for seed in (42, 43):
+        new = _policy_case(256, 3000, seed=seed)
+        with torch.no_grad():
+            for buf, value in zip(static, new):
+                buf.copy_(value)
+        graph.replay()
+        e_loss, e_stats, e_grad = _run_policy(
+            *new, torch.tensor(1.0, device=DEVICE), "triton", agg="seq-mean-token-mean"
+        )
+        assert torch.equal(loss, e_loss) and torch.equal(clipfrac, e_stats["clipfrac"])
+        assert torch.equal(x.grad, e_grad)
