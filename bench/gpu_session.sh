@@ -29,6 +29,9 @@
 #   bash bench/gpu_session.sh report=logprobs,logprobs+entropy          # 2 min
 #   bash bench/gpu_session.sh profile tune                              # 35 s
 #   bash bench/gpu_session.sh suites                                    # optional: the report covers the targets
+# What the session after 2026-11-23 owes (the first run's report is committed; see bench/RESULTS.md):
+#   bash bench/gpu_session.sh build
+#   bash bench/gpu_session.sh report=ppo_policy_loss,linear_logprobs suites tune=ppo_tile,ppo_count
 # then, where the files come back: python -m rlhf_fast.bench --merge <the report JSONs> --out bench/results
 # (one report from the per-call ones: JSON, Markdown, plots, the issues' targets over every case).
 # A machine given back between calls comes back bare. Calls after `build` install the wheel it

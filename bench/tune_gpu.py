@@ -48,7 +48,7 @@ import rlhf_fast
 from rlhf_fast.bench import Timer, copy_bandwidth
 
 ROW_CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
-PPO_TILES = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
+PPO_TILES = ((1024, 4), (2048, 4), (2048, 8), (2048, 16), (4096, 8), (4096, 16))
 # (_COUNT_TILE, _COUNT_WARPS) of the per-token PPO mask row-sum pass, timed inside the whole step
 PPO_COUNT_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))
 SECTIONS = ("rows", "cluster", "ppo_tile", "ppo_count")

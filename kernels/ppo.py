@@ -29,11 +29,14 @@ forward writes the FINAL gradient w * dL/dx, in the input's dtype:
 "Last program": each program bumps an arrival counter (an atomic on a counter, never on a sum)
 after its stores; the one that sees n_programs - 1 does the reduction. Both phases live in one
 kernel, `_ppo_fwd_kernel`, as grid-stride loops, and are launched one of three ways
-(`launch_schedule`; every way gives the same bits):
+(`launch_schedule`; with the same tile every way gives the same bits, and each way is
+deterministic):
   fused (CUDA default): ONE cooperative launch of as many programs as fit on the GPU at once;
      between the phases every program waits for a flag that the last counting program sets
-     once the row scales are stored. One launch (plus the memset of a small work buffer), no
-     gap between the phases, and the mask's second read right after its first (L2).
+     once the row scales are stored (each program loads its first tile and computes its terms
+     before it waits). One launch (plus the memset of a small work buffer), no gap between the
+     phases, and the mask's second read right after its first (L2). Its own tile
+     (_FUSED_TILE): a looping program's registers set how many fit on an SM.
   pdl (sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it starts
      once every COUNT program has started, loads its inputs and computes the per-token terms,
      and waits (griddepcontrol.wait) only before it reads the row scales.
@@ -97,6 +100,14 @@ _HAS_MAX = {POLICY: True, VALUE: False}
 # 4096/16w 0.089. The mask row-sum tile (_COUNT_*) made no difference there (0.084-0.085 ms).
 _TILE = 4096
 _WARPS = 8
+# The fused launch's tile (both of its phases run with these warps). Its programs loop over
+# tiles, and its registers decide how many programs an SM holds: for the fp32 policy loss on
+# sm_90, 4096/8 warps takes 157 registers on Triton 3.6 (1 program per SM; 123 on 3.9), 2048/8
+# warps 113 (2 per SM; 105 on 3.9). Not yet timed on a GPU (bench/tune_gpu.py's ppo_tile section
+# times every schedule x tile). A different tile than the split launches' changes the order of
+# the loss's sums (its last bits), not the gradient.
+_FUSED_TILE = 2048
+_FUSED_WARPS = 8
 # Mask row sums: 8192 elements per loop iteration (8 KB of a bool mask, 32 KB of a float one).
 _COUNT_TILE = 8192
 _COUNT_WARPS = 8
@@ -275,6 +286,7 @@ def _loss_tile(
     scale_ptr,
     part_ptr,
     grad_ptr,
+    flag_ptr,
     B,
     T,
     n_tiles,
@@ -286,13 +298,15 @@ def _loss_tile(
     WRITE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    PDL: tl.constexpr,
+    WAIT_GDC: tl.constexpr,
+    WAIT_FLAG: tl.constexpr,
 ):
     """One [BLOCK_B, BLOCK_T] tile: loss terms, the final gradient w * dL/dx and the tile's
     partial sums (column `tile` of the partial planes).
-    PDL: the inputs are loaded and the per-token terms computed before gdc_wait(), which waits
-    for the mask pass of the previous launch (and its stores) before the row scales are read.
-    Nothing before the wait reads or writes what that pass writes."""
+    WAIT_GDC (pdl) / WAIT_FLAG (fused; only the program's first tile waits): the inputs are
+    loaded and the per-token terms computed first, then the tile waits for the row scales:
+    gdc_wait() for the previous launch's mask pass, or the row-scales flag; so the loads overlap
+    the mask pass's tail. Nothing before the wait reads or writes what the mask pass writes."""
     rows, cols, row_ok, col_ok = _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B, BLOCK_T)
     valid = row_ok[:, None] & col_ok[None, :]
     # Every input is read once here (the mask for the second and last time): evict_first, so the
@@ -312,8 +326,11 @@ def _loss_tile(
         loss, dloss, clipped = _value_clip_term(x, a, b, clip_low)
         mean_term = x  # vpred_mean
 
-    if PDL:
+    if WAIT_GDC:
         gdc_wait()  # the mask pass has finished: its row scales and sum m are visible
+    if WAIT_FLAG:  # noqa: SIM102 - a constexpr gate: the runtime test below is compiled only here
+        if tile == tl.program_id(0):  # the program's first tile (later ones find the flag set)
+            _wait_for_flag(flag_ptr)
     w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0, cache_modifier=".cg")[:, None]
 
     if WRITE_GRAD:
@@ -405,10 +422,12 @@ def _ppo_fwd_kernel(
             _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG, REDUCE_BLOCK)
             if PHASES == 3:
                 _set_flag(work_ptr + _FLAG_ROW_SCALES)
-    if PHASES == 3:
-        _wait_for_flag(work_ptr + _FLAG_ROW_SCALES)
     if PHASES & 2:
+        if PHASES == 3:  # noqa: SIM102 - a constexpr gate: the runtime test below is compiled only here
+            if pid >= n_tiles:
+                _wait_for_flag(work_ptr + _FLAG_ROW_SCALES)  # no tile here; the finalize reads sum m
         for tile in range(pid, n_tiles, n_programs):
+            # Fused: a program's first tile waits for the row scales after its loads and terms.
             _loss_tile(
                 tile,
                 n_col_tiles,
@@ -427,6 +446,7 @@ def _ppo_fwd_kernel(
                 scale_ptr,
                 part_ptr,
                 grad_ptr,
+                work_ptr + _FLAG_ROW_SCALES,
                 B,
                 T,
                 n_tiles,
@@ -439,6 +459,7 @@ def _ppo_fwd_kernel(
                 BLOCK_B,
                 BLOCK_T,
                 PDL,
+                PHASES == 3,
             )
         if _is_last_program(work_ptr + _COUNTER_TILES, n_programs):
             _finalize(part_ptr, total_ptr, loss_ptr, stats_ptr, n_tiles, N_SUMS, N_SUMS_P2, LOSS == 0, BLOCK_R)
@@ -525,7 +546,8 @@ def launch_schedule(device: torch.device) -> str:
     RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors
     and TRITON_INTERPRET always run split (the interpreter runs programs one after another: no
     grid-wide wait, no griddepcontrol); pdl before sm_90, and fused where the driver refused the
-    cooperative launch, run split too. Every schedule gives the same bits."""
+    cooperative launch, run split too. The gradient is the same bits every way; the loss and
+    stats too where the fused tile equals the split one (_FUSED_TILE, _TILE)."""
     choice = os.environ.get(LAUNCH_ENV) or "auto"
     if choice not in ("auto", *SCHEDULES):
         raise ValueError(f"{LAUNCH_ENV}={choice!r}: expected one of auto, fused, pdl, split")
@@ -559,22 +581,27 @@ def _resident_programs_per_sm(compiled, device_index: int) -> int:
     return max(1, min(by_regs, by_threads, by_smem))
 
 
-def _launch_fused(args, constexprs, n_work: int, device: torch.device) -> bool:
+_CUDA_LAUNCH_ERROR = "Triton Error [CUDA]: "  # how Triton's launcher reports a failed cuLaunchKernelEx
+
+
+def _launch_fused(args, constexprs, n_work: int, device: torch.device, warps: int) -> bool:
     """The forward as ONE cooperative launch of at most as many programs as fit on the GPU (the
     programs wait for each other inside the kernel; a cooperative launch guarantees they are all
     resident, or is refused by the driver instead of hanging). Returns False, having launched
     nothing, when even one program per SM is refused: the caller then launches split."""
     index = _device_index(device)
-    key = (index, *constexprs.values(), *(t.dtype for t in args[:12:3]))
+    key = (index, warps, *constexprs.values(), *(t.dtype for t in args[:12:3]))
     per_sm = _FUSED_PROGRAMS_PER_SM.get(key, 1)
     while True:
         grid = (max(1, min(n_work, _sm_count(index) * per_sm)),)
         try:
             compiled = _ppo_fwd_kernel[grid](
-                *args, PHASES=BOTH, PDL=False, num_warps=_WARPS, launch_cooperative_grid=True, **constexprs
+                *args, PHASES=BOTH, PDL=False, num_warps=warps, launch_cooperative_grid=True, **constexprs
             )
-        except RuntimeError as exc:  # "too many blocks in cooperative launch": nothing ran
-            if "cooperative" not in str(exc):
+        except RuntimeError as exc:
+            # The driver refused the launch, so nothing ran: "too many blocks in cooperative
+            # launch" (fewer per SM may fit) or no cooperative launch at all on this device.
+            if not str(exc).startswith(_CUDA_LAUNCH_ERROR):
                 raise
             if per_sm == 1:
                 _NO_FUSED.add(index)
@@ -600,13 +627,44 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         grad.zero_()
         return loss, stats, grad
     m = kernel_mask(mask)
-    block_b, block_t = _tile_config(B, T, _TILE)
+    launch = functools.partial(
+        _launch, loss_kind, x, a, b, m, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale
+    )
+    schedule = launch_schedule(dev)
+    if schedule != "fused" or not launch("fused", loss, stats, grad):
+        launch("pdl" if schedule == "pdl" else "split", loss, stats, grad)
+    return loss, stats, grad
+
+
+def _launch(
+    loss_kind,
+    x,
+    a,
+    b,
+    m,
+    clip_low,
+    clip_high,
+    dual_clip,
+    agg,
+    horizon,
+    write_grad,
+    loss_scale,
+    schedule,
+    loss,
+    stats,
+    grad,
+) -> bool:
+    """Launches the forward one way (see launch_schedule) into loss, stats and grad. False: the
+    fused launch was refused and nothing ran."""
+    B, T = x.shape
+    n_sums, has_max = _N_SUMS[loss_kind], _HAS_MAX[loss_kind]
+    tile, warps = (_FUSED_TILE, _FUSED_WARPS) if schedule == "fused" else (_TILE, _WARPS)
+    block_b, block_t = _tile_config(B, T, tile)
     count_b, count_t = _tile_config(B, T, _COUNT_TILE)
     n_row_blocks = triton.cdiv(B, count_b)
     n_col_tiles = triton.cdiv(T, block_t)
     n_tiles = triton.cdiv(B, block_b) * n_col_tiles
-    work = torch.zeros((_work_size(B, n_sums + int(has_max), n_tiles),), dtype=torch.int32, device=dev)
-
+    work = torch.zeros((_work_size(B, n_sums + int(has_max), n_tiles),), dtype=torch.int32, device=x.device)
     args = (
         x,
         x.stride(0),
@@ -649,15 +707,14 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
         "N_SUMS_P2": triton.next_power_of_2(n_sums),
         "BLOCK_R": min(_FINALIZE_BLOCK, triton.next_power_of_2(n_tiles)),
     }
-    schedule = launch_schedule(dev)
-    if schedule == "fused" and _launch_fused(args, constexprs, max(n_tiles, n_row_blocks), dev):
-        return loss, stats, grad
+    if schedule == "fused":
+        return _launch_fused(args, constexprs, max(n_tiles, n_row_blocks), x.device, warps)
     pdl = schedule == "pdl"
     # 1: row counts of the mask, then (last program) the aggregation weights' row scales.
     _ppo_fwd_kernel[(n_row_blocks,)](*args, PHASES=COUNT, PDL=pdl, num_warps=_COUNT_WARPS, **constexprs)
     # 2: loss terms, final gradient, per-tile partials, then (last program) loss and stats.
-    _ppo_fwd_kernel[(n_tiles,)](*args, PHASES=LOSS_PASS, PDL=pdl, num_warps=_WARPS, launch_pdl=pdl, **constexprs)
-    return loss, stats, grad
+    _ppo_fwd_kernel[(n_tiles,)](*args, PHASES=LOSS_PASS, PDL=pdl, num_warps=warps, launch_pdl=pdl, **constexprs)
+    return True
 
 
 def ppo_policy_forward(

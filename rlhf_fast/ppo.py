@@ -11,7 +11,7 @@ scales (one cheap pass over the mask), then reads each input once and writes the
 gradient (in the input's dtype) plus per-tile partial sums, which the last program to finish
 reduces in a fixed order (deterministic; atomics only on arrival counters) into the loss and the
 stats. On CUDA both passes run in one cooperative launch (plus a small memset); elsewhere, or with
-RLHF_FAST_PPO_LAUNCH=pdl|split, as two launches. Every schedule gives the same bits.
+RLHF_FAST_PPO_LAUNCH=pdl|split, as two launches; each is deterministic.
 The backward only multiplies that gradient by grad_output, in place, and does no work at all
 (no host sync either) when grad_output == 1. Hence a second backward through the same graph
 (retain_graph=True) raises RuntimeError: the saved gradient was already handed out (and scaled).

@@ -429,7 +429,7 @@ def test_tune_sweep_dry_run(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads((tmp_path / "tune.json").read_text())
-    for section, n in (("rows", 12), ("cluster", 6), ("ppo_tile", 15), ("ppo_count", 6)):
+    for section, n in (("rows", 12), ("cluster", 6), ("ppo_tile", 18), ("ppo_count", 6)):
         entries = result[section]
         assert len(entries) == n, section
         for e in entries:

@@ -702,6 +702,37 @@ def test_results_do_not_depend_on_the_grid(n_programs, monkeypatch):
         _close(small[2], e_grad)
 
 
+def test_fused_kernel_whole_in_one_program(monkeypatch):
+    """The fused launch's kernel itself (count, row scales and flag, each program's first tile
+    loaded before its wait, the rest of the tiles, finalize) under the interpreter: with ONE
+    program it never waits on another, so it runs here. Same bits as the split launches with the
+    same tile."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setattr(ppo_kernels, "_TILE", 64)
+    monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", 64)
+    monkeypatch.setattr(ppo_kernels, "_FUSED_WARPS", ppo_kernels._WARPS)
+    monkeypatch.setattr(ppo_kernels, "_COUNT_TILE", 64)
+    logp, old, adv, mask = _policy_case(9, 70, seed=34, mask_kind="float")
+    values, old_values, returns, vmask = _value_case(9, 70, seed=35)
+    go = torch.tensor(0.7, device=DEVICE)
+    for agg in AGGS:
+        split = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+        split_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        with monkeypatch.context() as patch:
+            # CPU tensors stand in for a 1-SM CUDA device that takes the fused launch
+            patch.setattr(ppo_kernels, "launch_schedule", lambda device: "fused")
+            patch.setattr(ppo_kernels, "_device_index", lambda device: 0)
+            patch.setattr(ppo_kernels, "_sm_count", lambda index: 1)
+            patch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
+            fused = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+            fused_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+            assert set(ppo_kernels._FUSED_PROGRAMS_PER_SM.values()) == {1}  # it ran fused, 1 program
+        assert torch.equal(fused[0], split[0]) and torch.equal(fused[2], split[2]), agg
+        assert all(torch.equal(fused[1][k], split[1][k]) for k in split[1]), agg
+        assert torch.equal(fused_v[0], split_v[0]) and torch.equal(fused_v[2], split_v[2]), agg
+
+
 class _CooperativeLimit:
     """Stands in for _ppo_fwd_kernel on a GPU whose cooperative launches take at most `limit`
     programs: a bigger fused (PHASES=BOTH) launch raises as Triton's launcher does; a fused launch
@@ -734,7 +765,7 @@ def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
     device runs split from then on. Results match the reference every way."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
-    monkeypatch.setattr(ppo_kernels, "_TILE", 64)
+    monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", 64)  # 2 tiles per row, 18 in all
     # The CPU tensors stand in for CUDA device 7 with 2 SMs, fused until the driver refuses it.
     monkeypatch.setattr(ppo_kernels, "_device_index", lambda device: 7)
     monkeypatch.setattr(
@@ -768,6 +799,18 @@ def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
     assert ppo_kernels._NO_FUSED == {7}
     assert run(limit=64) == []
 
+    # Any other error is the caller's, not a refusal: raised as it is, nothing marked.
+    ppo_kernels._NO_FUSED.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a compile error, say")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ppo_kernels, "_ppo_fwd_kernel", type("Broken", (), {"__getitem__": lambda self, grid: broken})())
+        with pytest.raises(RuntimeError, match="a compile error"):
+            _run_policy(logp, old, adv, mask, go, "triton")
+    assert not ppo_kernels._NO_FUSED
+
 
 def test_resident_programs_per_sm(monkeypatch):
     """Occupancy from a compiled kernel: registers (per warp, in units of 256), threads, shared memory."""
@@ -791,24 +834,47 @@ def test_resident_programs_per_sm(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_launch_schedules_agree_bitwise_gpu():
+def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
     """fused (one cooperative launch, a grid-wide wait), pdl (sm_90+) and split must give the same
-    bits, run after run (the arrival order of the programs changes, the sums' order does not)."""
+    bits with the same tile, run after run (the arrival order of the programs changes, the sums'
+    order does not); with the fused launch's own tile, the same gradient bits and the loss and
+    stats to rounding."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
     logp, old, adv, mask = _policy_case(512, 4100, seed=21, mask_kind="float")
     values, old_values, returns, vmask = _value_case(512, 4100, seed=22)
     go = torch.tensor(0.7, device=DEVICE)
     dev = torch.device(DEVICE)
+    monkeypatch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
+    split = {}
     for agg in AGGS:
         with ppo_kernels.launch_mode("split"):
             assert ppo_kernels.launch_schedule(dev) == "split"
-            plain = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-            plain_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+            split[agg] = (
+                _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0),
+                _run_value(values, old_values, returns, vmask, go, "triton", agg=agg),
+            )
+        with ppo_kernels.launch_mode("fused"):
+            for _ in range(2):  # the second call runs with the programs per SM the first learned
+                got = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+                assert torch.equal(got[2], split[agg][0][2]), agg
+                torch.testing.assert_close(got[0], split[agg][0][0], atol=1e-7, rtol=1e-5)
+                for k in got[1]:
+                    torch.testing.assert_close(got[1][k], split[agg][0][1][k], atol=1e-7, rtol=1e-5)
+    # The fused launches ran as such (none refused and run split), with more programs per SM than
+    # the first launch's one, learned from the compiled kernel.
+    assert not ppo_kernels._NO_FUSED
+    learned = dict(ppo_kernels._FUSED_PROGRAMS_PER_SM)
+    assert learned and min(learned.values()) >= 2, learned
+
+    monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", ppo_kernels._TILE)
+    monkeypatch.setattr(ppo_kernels, "_FUSED_WARPS", ppo_kernels._WARPS)
+    for agg in AGGS:
+        plain, plain_v = split[agg]
         for schedule in ("fused", "pdl"):
+            if schedule == "pdl" and torch.cuda.get_device_capability()[0] < 9:
+                continue
             with ppo_kernels.launch_mode(schedule):
-                if schedule == "pdl" and torch.cuda.get_device_capability()[0] < 9:
-                    continue
                 assert ppo_kernels.launch_schedule(dev) == schedule
                 for _ in range(5):
                     got = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
@@ -816,10 +882,7 @@ def test_launch_schedules_agree_bitwise_gpu():
                     assert all(torch.equal(got[1][k], plain[1][k]) for k in plain[1]), (schedule, agg)
                     got_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
                     assert torch.equal(got_v[0], plain_v[0]) and torch.equal(got_v[2], plain_v[2]), (schedule, agg)
-    # The fused launches ran as such (not refused and run split) with more than one program per SM
-    # learned from the compiled kernel.
     assert not ppo_kernels._NO_FUSED
-    assert ppo_kernels._FUSED_PROGRAMS_PER_SM and min(ppo_kernels._FUSED_PROGRAMS_PER_SM.values()) >= 2
 
 
 @pytest.mark.gpu
