@@ -69,6 +69,7 @@ int64.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -401,13 +402,15 @@ def _ppo_fwd_kernel(
         row scales s_b and sum m.
     LOSS_PASS: loss terms, the final gradient and per-tile partials over the tiles; the program
         that finishes last reduces the partials into the loss and the stats.
-    BOTH (the fused launch): COUNT, then every program waits for the row scales (a flag the last
-        counting program sets), then LOSS_PASS. Needs every program resident at once: launched
-        as a cooperative grid of at most as many programs as fit on the GPU.
+    BOTH (the fused launch): COUNT, then LOSS_PASS, whose first tile in each program waits for
+        the row scales (a flag the last counting program sets) after its loads. Needs every
+        program resident at once: launched as a cooperative grid of at most as many programs as
+        fit on the GPU, and at most n_tiles.
 
     The split launches are COUNT over n_row_blocks programs then LOSS_PASS over n_tiles programs
-    (one work item each). Every result is independent of the grid size and of the schedule: each
-    count, partial and final sum is computed by one program in a fixed order.
+    (one work item each). Every result is independent of the grid size (and, at the same tile,
+    of the schedule): each count, partial and final sum is computed by one program in a fixed
+    order.
     PDL (split launches on sm_90+, both launches): COUNT lets the LOSS_PASS launch start once all
     its programs have started; LOSS_PASS waits (gdc_wait) only before it reads the row scales."""
     pid = tl.program_id(0)
@@ -423,11 +426,9 @@ def _ppo_fwd_kernel(
             if PHASES == 3:
                 _set_flag(work_ptr + _FLAG_ROW_SCALES)
     if PHASES & 2:
-        if PHASES == 3:  # noqa: SIM102 - a constexpr gate: the runtime test below is compiled only here
-            if pid >= n_tiles:
-                _wait_for_flag(work_ptr + _FLAG_ROW_SCALES)  # no tile here; the finalize reads sum m
+        # Fused: a program's first tile waits for the row scales after its loads and terms (the
+        # grid has at most n_tiles programs, so every program has one and waits exactly once).
         for tile in range(pid, n_tiles, n_programs):
-            # Fused: a program's first tile waits for the row scales after its loads and terms.
             _loss_tile(
                 tile,
                 n_col_tiles,
@@ -517,8 +518,10 @@ SCHEDULES = ("fused", "pdl", "split")
 # limited to part of the GPU, e.g. under MPS): the forward runs split there.
 _NO_FUSED: set[int] = set()
 # Programs per SM of a fused launch, per kernel specialisation and device: learned from the
-# compiled kernel (registers, shared memory) after its first launch, which uses one per SM.
+# compiled kernel (the driver's occupancy) after its first launch, which uses one per SM; and the
+# specialisations whose learned count has launched (the only ones used under CUDA graph capture).
 _FUSED_PROGRAMS_PER_SM: dict[tuple, int] = {}
+_FUSED_LAUNCHED: set[tuple] = set()
 
 
 def _device_index(device: torch.device) -> int:
@@ -545,14 +548,14 @@ def launch_schedule(device: torch.device) -> str:
 
     RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors
     and TRITON_INTERPRET always run split (the interpreter runs programs one after another: no
-    grid-wide wait, no griddepcontrol); pdl before sm_90, and fused where the driver refused the
+    grid-wide wait, no griddepcontrol), and so does ROCm; pdl before sm_90, and fused where the driver refused the
     cooperative launch, run split too. The gradient is the same bits every way; the loss and
     stats too where the fused tile equals the split one (_FUSED_TILE, _TILE)."""
     choice = os.environ.get(LAUNCH_ENV) or "auto"
     if choice not in ("auto", *SCHEDULES):
         raise ValueError(f"{LAUNCH_ENV}={choice!r}: expected one of auto, fused, pdl, split")
-    if device.type != "cuda" or triton_interpreting():
-        return "split"
+    if device.type != "cuda" or triton_interpreting() or torch.version.hip is not None:
+        return "split"  # (ROCm: Triton drops the cooperative flag silently where unsupported)
     index = _device_index(device)
     if choice in ("auto", "fused"):
         return "split" if index in _NO_FUSED else "fused"
@@ -567,9 +570,34 @@ def launch_mode(schedule: str):
     return env_set(LAUNCH_ENV, schedule)
 
 
-def _resident_programs_per_sm(compiled, device_index: int) -> int:
-    """How many programs of a compiled kernel one SM holds at once: registers (allocated per warp
-    in units of 256), threads, shared memory (+1 KB per block the driver reserves)."""
+@functools.cache
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")  # already loaded by torch / Triton where a GPU is in use
+    except OSError:
+        return None
+
+
+def _driver_occupancy(compiled) -> int | None:
+    """Programs of a compiled kernel one SM holds at once, as the CUDA driver computes it
+    (cuOccupancyMaxActiveBlocksPerMultiprocessor), or None where it cannot be asked."""
+    lib = _libcuda()
+    function = getattr(compiled, "function", None)
+    if lib is None or not function:
+        return None
+    blocks = ctypes.c_int(0)
+    status = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(blocks),
+        ctypes.c_void_p(function),
+        ctypes.c_int(32 * compiled.metadata.num_warps),
+        ctypes.c_size_t(compiled.metadata.shared),
+    )
+    return blocks.value if status == 0 and blocks.value > 0 else None
+
+
+def _estimated_occupancy(compiled, device_index: int) -> int:
+    """The same from the device properties, where the driver cannot be asked: registers
+    (allocated per warp in units of 256), threads, shared memory (+1 KB per block reserved)."""
     props = torch.cuda.get_device_properties(device_index)
     warps = compiled.metadata.num_warps
     regs_per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256
@@ -581,36 +609,64 @@ def _resident_programs_per_sm(compiled, device_index: int) -> int:
     return max(1, min(by_regs, by_threads, by_smem))
 
 
-_CUDA_LAUNCH_ERROR = "Triton Error [CUDA]: "  # how Triton's launcher reports a failed cuLaunchKernelEx
+def _resident_programs_per_sm(compiled, device_index: int) -> int:
+    return _driver_occupancy(compiled) or _estimated_occupancy(compiled, device_index)
 
 
-def _launch_fused(args, constexprs, n_work: int, device: torch.device, warps: int) -> bool:
+# How Triton's launcher reports a failed cuLaunchKernelEx, and the two failures that mean "no
+# cooperative launch of this size" (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE) and "no cooperative
+# launch here at all" (CUDA_ERROR_NOT_SUPPORTED). Nothing ran then; any other error is re-raised.
+_CUDA_LAUNCH_ERROR = "Triton Error [CUDA]: "
+_TOO_LARGE = "too many blocks in cooperative launch"
+_NOT_SUPPORTED = "operation not supported"
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_fused(args, constexprs, n_tiles: int, device: torch.device, warps: int) -> bool:
     """The forward as ONE cooperative launch of at most as many programs as fit on the GPU (the
     programs wait for each other inside the kernel; a cooperative launch guarantees they are all
-    resident, or is refused by the driver instead of hanging). Returns False, having launched
-    nothing, when even one program per SM is refused: the caller then launches split."""
+    resident, or is refused by the driver instead of hanging). Programs per SM: 1 at a kernel's
+    first launch, then what the driver says the compiled kernel allows (one fewer per refusal).
+    Returns False, having launched nothing, when the driver refuses cooperative launches here:
+    the caller then launches split. Under CUDA graph capture (where a refusal would invalidate the
+    capture) only a count that already launched is used, otherwise 1 per SM, and nothing is learned."""
     index = _device_index(device)
     key = (index, warps, *constexprs.values(), *(t.dtype for t in args[:12:3]))
+    capturing = _capturing()
     per_sm = _FUSED_PROGRAMS_PER_SM.get(key, 1)
+    if capturing and key not in _FUSED_LAUNCHED:
+        per_sm = 1
     while True:
-        grid = (max(1, min(n_work, _sm_count(index) * per_sm)),)
+        grid = (max(1, min(n_tiles, _sm_count(index) * per_sm)),)
         try:
             compiled = _ppo_fwd_kernel[grid](
                 *args, PHASES=BOTH, PDL=False, num_warps=warps, launch_cooperative_grid=True, **constexprs
             )
         except RuntimeError as exc:
-            # The driver refused the launch, so nothing ran: "too many blocks in cooperative
-            # launch" (fewer per SM may fit) or no cooperative launch at all on this device.
-            if not str(exc).startswith(_CUDA_LAUNCH_ERROR):
+            message = str(exc)
+            if capturing or not message.startswith(_CUDA_LAUNCH_ERROR):
                 raise
-            if per_sm == 1:
+            if _NOT_SUPPORTED in message or (_TOO_LARGE in message and per_sm == 1):
                 _NO_FUSED.add(index)
                 return False
-            per_sm //= 2
+            if _TOO_LARGE not in message:
+                raise
+            per_sm -= 1
             _FUSED_PROGRAMS_PER_SM[key] = per_sm
+            _FUSED_LAUNCHED.discard(key)
             continue
+        if capturing:
+            return True
         if key not in _FUSED_PROGRAMS_PER_SM:
-            _FUSED_PROGRAMS_PER_SM[key] = _resident_programs_per_sm(compiled, index) if compiled is not None else 1
+            learned = _resident_programs_per_sm(compiled, index) if compiled is not None else 1
+            _FUSED_PROGRAMS_PER_SM[key] = learned
+            if learned == per_sm:
+                _FUSED_LAUNCHED.add(key)
+        elif _FUSED_PROGRAMS_PER_SM[key] == per_sm:
+            _FUSED_LAUNCHED.add(key)
         return True
 
 
@@ -708,7 +764,7 @@ def _launch(
         "BLOCK_R": min(_FINALIZE_BLOCK, triton.next_power_of_2(n_tiles)),
     }
     if schedule == "fused":
-        return _launch_fused(args, constexprs, max(n_tiles, n_row_blocks), x.device, warps)
+        return _launch_fused(args, constexprs, n_tiles, x.device, warps)
     pdl = schedule == "pdl"
     # 1: row counts of the mask, then (last program) the aggregation weights' row scales.
     _ppo_fwd_kernel[(n_row_blocks,)](*args, PHASES=COUNT, PDL=pdl, num_warps=_COUNT_WARPS, **constexprs)

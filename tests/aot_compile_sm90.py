@@ -525,6 +525,8 @@ def default_cases(c: Cases, modules) -> list[Case]:
         # what a GPU runs: one cooperative launch (fused, the default), or programmatic dependent
         # launch (griddepcontrol, sm_90+)
         c.ppo_policy(FP32, big, torch.float32, aggs[0], None, True, "fused"),
+        c.ppo_policy(FP32, big, torch.bool, aggs[0], None, True, "fused"),
+        c.ppo_policy(FP16, big, torch.bool, aggs[0], None, False, "fused"),
         c.ppo_policy(BF16, big, torch.bool, aggs[2], 3.0, True, "fused"),
         c.ppo_value(FP32, big, torch.float32, aggs[1], True, "fused"),
         c.ppo_policy(FP32, tiny, torch.bool, aggs[3], 3.0, False, "fused"),

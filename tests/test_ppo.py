@@ -658,8 +658,14 @@ def test_launch_schedule_switch(monkeypatch):
     assert ppo_kernels.LAUNCH_ENV not in os.environ
     with ppo_kernels.launch_mode("split"):
         assert ppo_kernels.launch_schedule(cuda0) == "split"
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm: Triton drops the cooperative flag silently
+    assert ppo_kernels.launch_schedule(cuda0) == "split"
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(ppo_kernels, "_NO_FUSED", {0})  # the driver refused a cooperative launch
     assert ppo_kernels.launch_schedule(cuda0) == "split"
+    # The fused launch counts the mask with its own warps: the row counts (so the row scales and
+    # the gradient) are the split launches' bits only while those are the count pass's warps.
+    assert ppo_kernels._FUSED_WARPS == ppo_kernels._COUNT_WARPS
     with ppo_kernels.launch_mode("cooperative"), pytest.raises(ValueError, match="RLHF_FAST_PPO_LAUNCH"):
         ppo_kernels.launch_schedule(torch.device("cpu"))
 
@@ -735,12 +741,13 @@ def test_fused_kernel_whole_in_one_program(monkeypatch):
 
 class _CooperativeLimit:
     """Stands in for _ppo_fwd_kernel on a GPU whose cooperative launches take at most `limit`
-    programs: a bigger fused (PHASES=BOTH) launch raises as Triton's launcher does; a fused launch
-    that fits runs as the real kernel's two phases over the same grid (the interpreter cannot run
-    the grid-wide wait, the phases' results are the same). Records the fused grids it was given."""
+    programs: a bigger fused (PHASES=BOTH) launch raises `error` as Triton's launcher does; a
+    fused launch that fits runs as the real kernel's two phases over the same grid (the
+    interpreter cannot run the grid-wide wait, the phases' results are the same). Records the
+    fused grids it was given."""
 
-    def __init__(self, kernel, limit):
-        self.kernel, self.limit, self.fused_grids = kernel, limit, []
+    def __init__(self, kernel, limit, error="Triton Error [CUDA]: too many blocks in cooperative launch"):
+        self.kernel, self.limit, self.error, self.fused_grids = kernel, limit, error, []
 
     def __getitem__(self, grid):
         from rlhf_fast.kernels import ppo as ppo_kernels
@@ -751,18 +758,19 @@ class _CooperativeLimit:
             assert launch_cooperative_grid and not kwargs["PDL"]
             self.fused_grids.append(grid[0])
             if grid[0] > self.limit:
-                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+                raise RuntimeError(self.error)
             for phases in (ppo_kernels.COUNT, ppo_kernels.LOSS_PASS):
                 self.kernel[grid](*args, PHASES=phases, num_warps=num_warps, **kwargs)
-            return None  # no compiled-kernel handle: the launcher keeps its current programs per SM
+            return None  # no compiled-kernel handle: the launcher learns 1 per SM
 
         return launch
 
 
 def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
-    """The fused launch asks for (SMs x programs per SM) programs; a refused cooperative launch
-    (nothing ran) is retried with half as many per SM, and where even one per SM is refused the
-    device runs split from then on. Results match the reference every way."""
+    """The fused launch asks for (SMs x programs per SM) programs; a launch the driver refuses as
+    too large (nothing ran) is retried with one fewer per SM, and where even one per SM is refused,
+    or the device has no cooperative launch, the device runs split from then on. Any other error
+    is raised. Results match the reference every way."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
     monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", 64)  # 2 tiles per row, 18 in all
@@ -774,12 +782,13 @@ def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
     monkeypatch.setattr(ppo_kernels, "_sm_count", lambda index: 2)
     monkeypatch.setattr(ppo_kernels, "_NO_FUSED", set())
     monkeypatch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
+    monkeypatch.setattr(ppo_kernels, "_FUSED_LAUNCHED", set())
     logp, old, adv, mask = _policy_case(9, 70, seed=33)
     go = torch.tensor(1.0, device=DEVICE)
     e_loss, e_stats, e_grad = _run_policy(logp, old, adv, mask, go, "reference")
 
-    def run(limit):
-        fake = _CooperativeLimit(ppo_kernels._ppo_fwd_kernel, limit)
+    def run(limit, **kw):
+        fake = _CooperativeLimit(ppo_kernels._ppo_fwd_kernel, limit, **kw)
         with monkeypatch.context() as patch:
             patch.setattr(ppo_kernels, "_ppo_fwd_kernel", fake)
             loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton")
@@ -791,29 +800,49 @@ def test_fused_launch_shrinks_its_grid_then_falls_back_to_split(monkeypatch):
 
     assert run(limit=64) == [2]  # first call: one program per SM (always resident)
     (key,) = ppo_kernels._FUSED_PROGRAMS_PER_SM
-    ppo_kernels._FUSED_PROGRAMS_PER_SM[key] = 8  # as learned from a compiled kernel's registers
+    assert ppo_kernels._FUSED_LAUNCHED == {key}  # learned 1 (no compiled kernel here), launched
+    ppo_kernels._FUSED_PROGRAMS_PER_SM[key] = 8  # as learned from a compiled kernel
+    ppo_kernels._FUSED_LAUNCHED.clear()
     assert run(limit=64) == [16]  # 2 SMs x 8, under the 18 tiles
-    assert run(limit=5) == [16, 8, 4]  # refused twice, then 2 per SM fits
-    assert ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 2
+    assert ppo_kernels._FUSED_LAUNCHED == {key}
+    assert run(limit=64) == [16]
+    assert run(limit=5) == [16, 14, 12, 10, 8, 6, 4]  # refused 6 times, then 2 per SM fits
+    assert ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 2 and ppo_kernels._FUSED_LAUNCHED == {key}
     assert run(limit=0) == [4, 2]  # even one per SM refused: split from now on
     assert ppo_kernels._NO_FUSED == {7}
     assert run(limit=64) == []
 
-    # Any other error is the caller's, not a refusal: raised as it is, nothing marked.
+    # No cooperative launch on the device at all: split at once.
     ppo_kernels._NO_FUSED.clear()
+    assert run(limit=0, error="Triton Error [CUDA]: operation not supported") == [2]
+    assert ppo_kernels._NO_FUSED == {7}
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a compile error, say")
+    # Any other error, from the driver or not, is the caller's: raised as it is, nothing marked.
+    for error in ("Triton Error [CUDA]: an illegal memory access was encountered", "a compile error, say"):
+        ppo_kernels._NO_FUSED.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(ppo_kernels, "_ppo_fwd_kernel", _CooperativeLimit(ppo_kernels._ppo_fwd_kernel, 0, error))
+            with pytest.raises(RuntimeError, match=error.split(": ")[-1]):
+                _run_policy(logp, old, adv, mask, go, "triton")
+        assert not ppo_kernels._NO_FUSED and ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 1
 
+    # Under CUDA graph capture a refusal would invalidate the capture: only a count that has
+    # launched is used (else 1 per SM), a refusal is raised, and nothing is learned.
+    monkeypatch.setattr(ppo_kernels, "_capturing", lambda: True)
+    ppo_kernels._FUSED_PROGRAMS_PER_SM[key] = 3
+    ppo_kernels._FUSED_LAUNCHED.clear()
+    assert run(limit=64) == [2]
+    assert ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 3 and not ppo_kernels._FUSED_LAUNCHED
     with monkeypatch.context() as patch:
-        patch.setattr(ppo_kernels, "_ppo_fwd_kernel", type("Broken", (), {"__getitem__": lambda self, grid: broken})())
-        with pytest.raises(RuntimeError, match="a compile error"):
+        patch.setattr(ppo_kernels, "_ppo_fwd_kernel", _CooperativeLimit(ppo_kernels._ppo_fwd_kernel, 0))
+        with pytest.raises(RuntimeError, match="too many blocks"):
             _run_policy(logp, old, adv, mask, go, "triton")
-    assert not ppo_kernels._NO_FUSED
+    assert not ppo_kernels._NO_FUSED and ppo_kernels._FUSED_PROGRAMS_PER_SM[key] == 3
 
 
 def test_resident_programs_per_sm(monkeypatch):
-    """Occupancy from a compiled kernel: registers (per warp, in units of 256), threads, shared memory."""
+    """Programs per SM: the driver's occupancy where it can be asked, else an estimate from the
+    device properties (registers per warp in units of 256, threads, shared memory)."""
     from types import SimpleNamespace
 
     from rlhf_fast.kernels import ppo as ppo_kernels
@@ -826,11 +855,15 @@ def test_resident_programs_per_sm(monkeypatch):
     def compiled(n_regs, warps=8, shared=0):
         return SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(num_warps=warps, shared=shared))
 
-    assert ppo_kernels._resident_programs_per_sm(compiled(63), 0) == 4  # 64 regs x 256 threads = 16K of 64K
-    assert ppo_kernels._resident_programs_per_sm(compiled(72), 0) == 3
-    assert ppo_kernels._resident_programs_per_sm(compiled(32), 0) == 8  # then 2048 threads bind
-    assert ppo_kernels._resident_programs_per_sm(compiled(32, shared=60000), 0) == 3
-    assert ppo_kernels._resident_programs_per_sm(compiled(255, warps=16), 0) == 1  # never below 1
+    assert ppo_kernels._estimated_occupancy(compiled(63), 0) == 4  # 64 regs x 256 threads = 16K of 64K
+    assert ppo_kernels._estimated_occupancy(compiled(72), 0) == 3
+    assert ppo_kernels._estimated_occupancy(compiled(32), 0) == 8  # then 2048 threads bind
+    assert ppo_kernels._estimated_occupancy(compiled(32, shared=60000), 0) == 3
+    assert ppo_kernels._estimated_occupancy(compiled(255, warps=16), 0) == 1  # never below 1
+    assert ppo_kernels._driver_occupancy(compiled(63)) is None  # no CUfunction to ask about
+    assert ppo_kernels._resident_programs_per_sm(compiled(63), 0) == 4
+    monkeypatch.setattr(ppo_kernels, "_driver_occupancy", lambda compiled: 2)
+    assert ppo_kernels._resident_programs_per_sm(compiled(63), 0) == 2
 
 
 @pytest.mark.gpu
@@ -846,6 +879,15 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
     go = torch.tensor(0.7, device=DEVICE)
     dev = torch.device(DEVICE)
     monkeypatch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
+    monkeypatch.setattr(ppo_kernels, "_FUSED_LAUNCHED", set())
+    occupancy = []  # (driver, estimate) for each compiled kernel whose programs per SM were learned
+    resident = ppo_kernels._resident_programs_per_sm
+
+    def spy(compiled, index):
+        occupancy.append((ppo_kernels._driver_occupancy(compiled), ppo_kernels._estimated_occupancy(compiled, index)))
+        return resident(compiled, index)
+
+    monkeypatch.setattr(ppo_kernels, "_resident_programs_per_sm", spy)
     split = {}
     for agg in AGGS:
         with ppo_kernels.launch_mode("split"):
@@ -861,11 +903,13 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
                 torch.testing.assert_close(got[0], split[agg][0][0], atol=1e-7, rtol=1e-5)
                 for k in got[1]:
                     torch.testing.assert_close(got[1][k], split[agg][0][1][k], atol=1e-7, rtol=1e-5)
-    # The fused launches ran as such (none refused and run split), with more programs per SM than
-    # the first launch's one, learned from the compiled kernel.
+    # The fused launches ran as such (none refused and run split), with the programs per SM the
+    # driver computes for the compiled kernel (which the estimate from the properties matches).
     assert not ppo_kernels._NO_FUSED
-    learned = dict(ppo_kernels._FUSED_PROGRAMS_PER_SM)
-    assert learned and min(learned.values()) >= 2, learned
+    assert len(occupancy) == len(AGGS) and all(driver is not None for driver, _ in occupancy), occupancy
+    assert sorted(ppo_kernels._FUSED_PROGRAMS_PER_SM.values()) == sorted(d for d, _ in occupancy)
+    assert all(driver == estimate for driver, estimate in occupancy), occupancy
+    assert set(ppo_kernels._FUSED_LAUNCHED) == set(ppo_kernels._FUSED_PROGRAMS_PER_SM)
 
     monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", ppo_kernels._TILE)
     monkeypatch.setattr(ppo_kernels, "_FUSED_WARPS", ppo_kernels._WARPS)
@@ -886,7 +930,7 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_launch_in_a_cuda_graph_gpu():
+def test_fused_launch_in_a_cuda_graph_gpu(monkeypatch):
     """The default (fused, cooperative) forward and its backward captured in a CUDA graph and
     replayed on new inputs give the eager results."""
     logp, old, adv, mask = _policy_case(256, 3000, seed=41)
@@ -899,6 +943,16 @@ def test_fused_launch_in_a_cuda_graph_gpu():
         loss.backward()
         return loss, stats["clipfrac"]
 
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    launched = []  # (capturing, fused launch accepted)
+    launch_fused = ppo_kernels._launch_fused
+
+    def spy(*args, **kwargs):
+        launched.append((ppo_kernels._capturing(), launch_fused(*args, **kwargs)))
+        return launched[-1][1]
+
+    monkeypatch.setattr(ppo_kernels, "_launch_fused", spy)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -920,3 +974,53 @@ def test_fused_launch_in_a_cuda_graph_gpu():
         )
         assert torch.equal(loss, e_loss) and torch.equal(clipfrac, e_stats["clipfrac"])
         assert torch.equal(x.grad, e_grad)
+    assert (True, True) in launched and all(ok for _, ok in launched), launched  # fused, in the capture too
+    assert not ppo_kernels._NO_FUSED
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("B", "T", "dtype", "mask_kind", "write_grad"),
+    [
+        (3, 5, torch.float32, "bool", True),  # fewer tiles than SMs
+        (1, 50000, torch.bfloat16, "float", True),  # one row, many tiles
+        (2000, 37, torch.float32, "bool", False),  # B > 1024: the row-scale loop runs twice
+        (300, 1, torch.float16, "float", True),  # T = 1
+    ],
+)
+def test_fused_launch_odd_shapes_gpu(B, T, dtype, mask_kind, write_grad):
+    """The fused launch at shapes where programs get no tile, one tile or many, against the split
+    launches (same gradient bits) and the reference, for both losses."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    logp, old, adv, mask = _policy_case(B, T, seed=51, dtype=dtype, mask_kind=mask_kind)
+    values, old_values, returns, vmask = _value_case(B, T, seed=52, dtype=dtype, mask_kind=mask_kind)
+    go = torch.tensor(1.0, device=DEVICE)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        results = {}
+        for schedule in ("fused", "split"):
+            with ppo_kernels.launch_mode(schedule):
+                assert ppo_kernels.launch_schedule(torch.device(DEVICE)) == schedule
+                if write_grad:
+                    results[schedule] = (
+                        _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0),
+                        _run_value(values, old_values, returns, vmask, go, "triton", agg=agg),
+                    )
+                else:
+                    with torch.no_grad():
+                        results[schedule] = (
+                            rlhf_fast.ppo_policy_loss(logp, old, adv, mask, agg=agg, backend="triton"),
+                            rlhf_fast.ppo_value_loss(values, old_values, returns, vmask, agg=agg, backend="triton"),
+                        )
+        fused, split = results["fused"], results["split"]
+        if write_grad:
+            assert torch.equal(fused[0][2], split[0][2]) and torch.equal(fused[1][2], split[1][2]), agg
+        for got, want in zip(fused, split):
+            torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+            for k in want[1]:
+                torch.testing.assert_close(got[1][k], want[1][k], atol=1e-6, rtol=1e-5)
+        e_loss, _ = reference.ppo_policy_loss(
+            logp.float(), old, adv, mask, agg=agg, dual_clip=3.0 if write_grad else None
+        )
+        _close(fused[0][0], e_loss, dtype)
+    assert not ppo_kernels._NO_FUSED
