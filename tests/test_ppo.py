@@ -670,6 +670,20 @@ def test_launch_schedule_switch(monkeypatch):
         ppo_kernels.launch_schedule(torch.device("cpu"))
 
 
+def _both_losses(policy_case, value_case, go, agg):
+    """(policy, value) results, each (loss, stats, grad), through the Triton backend."""
+    return (
+        _run_policy(*policy_case, go, "triton", agg=agg, dual_clip=3.0),
+        _run_value(*value_case, go, "triton", agg=agg),
+    )
+
+
+def _assert_same_bits(got, want, what):
+    for g, w in zip(got, want):
+        assert torch.equal(g[0], w[0]) and torch.equal(g[2], w[2]), what
+        assert all(torch.equal(g[1][k], w[1][k]) for k in w[1]), what
+
+
 class _SmallGrid:
     """Stands in for kernels/ppo.py's _ppo_fwd_kernel and launches the real one with at most
     `n_programs` programs, so every program runs several iterations of the grid-stride loops."""
@@ -690,22 +704,18 @@ def test_results_do_not_depend_on_the_grid(n_programs, monkeypatch):
 
     monkeypatch.setattr(ppo_kernels, "_TILE", 64)
     monkeypatch.setattr(ppo_kernels, "_COUNT_TILE", 64)  # 2 rows per row block: 5 blocks for B = 9
-    logp, old, adv, mask = _policy_case(9, 70, seed=31, mask_kind="float")
-    values, old_values, returns, vmask = _value_case(9, 70, seed=32)
+    policy_case = _policy_case(9, 70, seed=31, mask_kind="float")
+    value_case = _value_case(9, 70, seed=32)
     go = torch.tensor(0.7, device=DEVICE)
     for agg in AGGS:
-        split = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-        split_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        split = _both_losses(policy_case, value_case, go, agg)
         with monkeypatch.context() as patch:
             patch.setattr(ppo_kernels, "_ppo_fwd_kernel", _SmallGrid(ppo_kernels._ppo_fwd_kernel, n_programs))
-            small = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-            small_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
-        assert torch.equal(small[0], split[0]) and torch.equal(small[2], split[2]), agg
-        assert all(torch.equal(small[1][k], split[1][k]) for k in split[1]), agg
-        assert torch.equal(small_v[0], split_v[0]) and torch.equal(small_v[2], split_v[2]), agg
-        e_loss, _, e_grad = _run_policy(logp, old, adv, mask, go, "reference", agg=agg, dual_clip=3.0)
-        _close(small[0], e_loss)
-        _close(small[2], e_grad)
+            small = _both_losses(policy_case, value_case, go, agg)
+        _assert_same_bits(small, split, agg)
+        e_loss, _, e_grad = _run_policy(*policy_case, go, "reference", agg=agg, dual_clip=3.0)
+        _close(small[0][0], e_loss)
+        _close(small[0][2], e_grad)
 
 
 def test_fused_kernel_whole_in_one_program(monkeypatch):
@@ -719,24 +729,20 @@ def test_fused_kernel_whole_in_one_program(monkeypatch):
     monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", 64)
     monkeypatch.setattr(ppo_kernels, "_FUSED_WARPS", ppo_kernels._WARPS)
     monkeypatch.setattr(ppo_kernels, "_COUNT_TILE", 64)
-    logp, old, adv, mask = _policy_case(9, 70, seed=34, mask_kind="float")
-    values, old_values, returns, vmask = _value_case(9, 70, seed=35)
+    policy_case = _policy_case(9, 70, seed=34, mask_kind="float")
+    value_case = _value_case(9, 70, seed=35)
     go = torch.tensor(0.7, device=DEVICE)
     for agg in AGGS:
-        split = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-        split_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+        split = _both_losses(policy_case, value_case, go, agg)
         with monkeypatch.context() as patch:
             # CPU tensors stand in for a 1-SM CUDA device that takes the fused launch
             patch.setattr(ppo_kernels, "launch_schedule", lambda device: "fused")
             patch.setattr(ppo_kernels, "_device_index", lambda device: 0)
             patch.setattr(ppo_kernels, "_sm_count", lambda index: 1)
             patch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
-            fused = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-            fused_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
+            fused = _both_losses(policy_case, value_case, go, agg)
             assert set(ppo_kernels._FUSED_PROGRAMS_PER_SM.values()) == {1}  # it ran fused, 1 program
-        assert torch.equal(fused[0], split[0]) and torch.equal(fused[2], split[2]), agg
-        assert all(torch.equal(fused[1][k], split[1][k]) for k in split[1]), agg
-        assert torch.equal(fused_v[0], split_v[0]) and torch.equal(fused_v[2], split_v[2]), agg
+        _assert_same_bits(fused, split, agg)
 
 
 class _CooperativeLimit:
