@@ -546,11 +546,11 @@ def launch_schedule(device: torch.device) -> str:
     "pdl": the count launch, then the loss launch with programmatic dependent launch (sm_90+);
     "split": the count launch, then the loss launch after it has finished.
 
-    RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors
-    and TRITON_INTERPRET always run split (the interpreter runs programs one after another: no
-    grid-wide wait, no griddepcontrol), and so does ROCm; pdl before sm_90, and fused where the driver refused the
-    cooperative launch, run split too. The gradient is the same bits every way; the loss and
-    stats too where the fused tile equals the split one (_FUSED_TILE, _TILE)."""
+    RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors,
+    TRITON_INTERPRET (the interpreter runs programs one after another: no grid-wide wait, no
+    griddepcontrol) and ROCm always run split; so do pdl before sm_90 and fused where the driver
+    refused the cooperative launch. The gradient is the same bits every way; the loss and stats
+    too where the fused tile equals the split one (_FUSED_TILE, _TILE)."""
     choice = os.environ.get(LAUNCH_ENV) or "auto"
     if choice not in ("auto", *SCHEDULES):
         raise ValueError(f"{LAUNCH_ENV}={choice!r}: expected one of auto, fused, pdl, split")

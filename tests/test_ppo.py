@@ -880,8 +880,8 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
     stats to rounding."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
-    logp, old, adv, mask = _policy_case(512, 4100, seed=21, mask_kind="float")
-    values, old_values, returns, vmask = _value_case(512, 4100, seed=22)
+    policy_case = _policy_case(512, 4100, seed=21, mask_kind="float")
+    value_case = _value_case(512, 4100, seed=22)
     go = torch.tensor(0.7, device=DEVICE)
     dev = torch.device(DEVICE)
     monkeypatch.setattr(ppo_kernels, "_FUSED_PROGRAMS_PER_SM", {})
@@ -898,13 +898,10 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
     for agg in AGGS:
         with ppo_kernels.launch_mode("split"):
             assert ppo_kernels.launch_schedule(dev) == "split"
-            split[agg] = (
-                _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0),
-                _run_value(values, old_values, returns, vmask, go, "triton", agg=agg),
-            )
+            split[agg] = _both_losses(policy_case, value_case, go, agg)
         with ppo_kernels.launch_mode("fused"):
             for _ in range(2):  # the second call runs with the programs per SM the first learned
-                got = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
+                got = _run_policy(*policy_case, go, "triton", agg=agg, dual_clip=3.0)
                 assert torch.equal(got[2], split[agg][0][2]), agg
                 torch.testing.assert_close(got[0], split[agg][0][0], atol=1e-7, rtol=1e-5)
                 for k in got[1]:
@@ -920,18 +917,13 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
     monkeypatch.setattr(ppo_kernels, "_FUSED_TILE", ppo_kernels._TILE)
     monkeypatch.setattr(ppo_kernels, "_FUSED_WARPS", ppo_kernels._WARPS)
     for agg in AGGS:
-        plain, plain_v = split[agg]
         for schedule in ("fused", "pdl"):
             if schedule == "pdl" and torch.cuda.get_device_capability()[0] < 9:
                 continue
             with ppo_kernels.launch_mode(schedule):
                 assert ppo_kernels.launch_schedule(dev) == schedule
                 for _ in range(5):
-                    got = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=3.0)
-                    assert torch.equal(got[0], plain[0]) and torch.equal(got[2], plain[2]), (schedule, agg)
-                    assert all(torch.equal(got[1][k], plain[1][k]) for k in plain[1]), (schedule, agg)
-                    got_v = _run_value(values, old_values, returns, vmask, go, "triton", agg=agg)
-                    assert torch.equal(got_v[0], plain_v[0]) and torch.equal(got_v[2], plain_v[2]), (schedule, agg)
+                    _assert_same_bits(_both_losses(policy_case, value_case, go, agg), split[agg], (schedule, agg))
     assert not ppo_kernels._NO_FUSED
 
 
