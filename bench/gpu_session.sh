@@ -40,7 +40,9 @@
 # ~1.5 min sm_90 build, as long as csrc/ and setup.py are unchanged (their hash is checked; the
 # Python files always come from the tree). Otherwise they rebuild for sm_90.
 # If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
-# run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after.
+# run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after;
+# if it reports the per-token PPO loss's fused launch broken (tests-fused.log), the same with
+# RLHF_FAST_PPO_LAUNCH=split in front.
 #
 # Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
 # (see the device tool's README: `pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -110,6 +112,17 @@ build_and_test() {
       | tee -a "$OUT/tests-cluster.log"
     export RLHF_FAST_PPO_CLUSTER=0
   fi
+  # The same for the per-token PPO loss's fused launch (its programs wait for each other inside
+  # the kernel: a bug there hangs, and a hung kernel would stall every later test that calls the
+  # loss). Its tests first, bounded; if they fail or hang, the rest runs the split launches.
+  timeout -k 15 240 python3 -m pytest tests/test_ppo.py -v -p no:cacheprovider -k "fused or schedule or large_gpu" 2>&1 \
+    | tee "$OUT/tests-fused.log" | tail -25
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "fused launch tests: rc=$rc (124 = timed out / hang); the suite below runs with RLHF_FAST_PPO_LAUNCH=split" \
+      | tee -a "$OUT/tests-fused.log"
+    export RLHF_FAST_PPO_LAUNCH=split
+  fi
   # The device image has pytest-xdist and pytest-timeout. Most tests run on 12 workers (each
   # JIT-compiles its own Triton variants, the slow part of a first GPU run; tests/conftest.py
   # empties the CUDA cache after every gpu test); the big int64-offset cases (marked slow, up to
@@ -121,7 +134,8 @@ build_and_test() {
   python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
   pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow"
   pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow
-  # build: device.txt, build.log, tests-cluster.log, tests.log, tests-slow.log, wheel/ (2) = 7 files
+  # build: device.txt, build.log, tests-cluster.log, tests-fused.log, tests.log, tests-slow.log,
+  # wheel/ (2) = 8 files
   cd - >/dev/null || true
 }
 

@@ -35,8 +35,9 @@ deterministic):
      between the phases every program waits for a flag that the last counting program sets
      once the row scales are stored (each program loads its first tile and computes its terms
      before it waits). One launch (plus the memset of a small work buffer), no gap between the
-     phases, and the mask's second read right after its first (L2). Its own tile
-     (_FUSED_TILE): a looping program's registers set how many fit on an SM.
+     phases, and the mask's second read right after its first (L2; the loss phase walks the
+     tiles in the opposite order to the count phase, so the rows counted last are read again
+     first). Its own tile (_FUSED_TILE): a looping program's registers set how many fit on an SM.
   pdl (sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it starts
      once every COUNT program has started, loads its inputs and computes the per-token terms,
      and waits (griddepcontrol.wait) only before it reads the row scales.
@@ -288,6 +289,7 @@ def _loss_tile(
     part_ptr,
     grad_ptr,
     flag_ptr,
+    first_tile,
     B,
     T,
     n_tiles,
@@ -304,8 +306,8 @@ def _loss_tile(
 ):
     """One [BLOCK_B, BLOCK_T] tile: loss terms, the final gradient w * dL/dx and the tile's
     partial sums (column `tile` of the partial planes).
-    WAIT_GDC (pdl) / WAIT_FLAG (fused; only the program's first tile waits): the inputs are
-    loaded and the per-token terms computed first, then the tile waits for the row scales:
+    WAIT_GDC (pdl) / WAIT_FLAG (fused; only the program's first tile, `first_tile`, waits): the
+    inputs are loaded and the per-token terms computed first, then the tile waits for the row scales:
     gdc_wait() for the previous launch's mask pass, or the row-scales flag; so the loads overlap
     the mask pass's tail. Nothing before the wait reads or writes what the mask pass writes."""
     rows, cols, row_ok, col_ok = _tile_offsets(tile, n_col_tiles, B, T, BLOCK_B, BLOCK_T)
@@ -330,7 +332,7 @@ def _loss_tile(
     if WAIT_GDC:
         gdc_wait()  # the mask pass has finished: its row scales and sum m are visible
     if WAIT_FLAG:  # noqa: SIM102 - a constexpr gate: the runtime test below is compiled only here
-        if tile == tl.program_id(0):  # the program's first tile (later ones find the flag set)
+        if first_tile:  # later tiles of the program find the flag set
             _wait_for_flag(flag_ptr)
     w = m * tl.load(scale_ptr + rows, mask=row_ok, other=0.0, cache_modifier=".cg")[:, None]
 
@@ -396,7 +398,8 @@ def _ppo_fwd_kernel(
     BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """The whole forward, as grid-stride loops (a program takes work items pid, pid + nprog, ...):
+    """The whole forward, as grid-stride loops (a program takes work items pid, pid + nprog, ...;
+    the count phase in ascending order, the loss phase in descending order):
 
     COUNT: mask row counts over the row blocks; the program that finishes last turns them into the
         row scales s_b and sum m.
@@ -426,11 +429,16 @@ def _ppo_fwd_kernel(
             if PHASES == 3:
                 _set_flag(work_ptr + _FLAG_ROW_SCALES)
     if PHASES & 2:
-        # Fused: a program's first tile waits for the row scales after its loads and terms (the
-        # grid has at most n_tiles programs, so every program has one and waits exactly once).
-        for tile in range(pid, n_tiles, n_programs):
+        # A program's tiles pid, pid + n_programs, ... in DESCENDING order: the count phase walked
+        # the rows upwards, so the mask rows it read last (the most likely still in L2) are read
+        # again first. Fused: the program's first tile waits for the row scales after its loads
+        # and terms (the grid has at most n_tiles programs, so every program has one and waits
+        # exactly once). Split / pdl: one tile per program.
+        n_own = (n_tiles - 1 - pid) // n_programs + 1
+        last_own = pid + (n_own - 1) * n_programs
+        for k in range(n_own):
             _loss_tile(
-                tile,
+                last_own - k * n_programs,
                 n_col_tiles,
                 x_ptr,
                 x_sb,
@@ -448,6 +456,7 @@ def _ppo_fwd_kernel(
                 part_ptr,
                 grad_ptr,
                 work_ptr + _FLAG_ROW_SCALES,
+                k == 0,
                 B,
                 T,
                 n_tiles,
