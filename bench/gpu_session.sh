@@ -72,6 +72,21 @@ time_for() {
   echo "$left"
 }
 
+# run_first LOG SECONDS FALLBACK ARGS...: pytest ARGS before the rest of the suite, bounded by
+# SECONDS; if they fail or time out (124), FALLBACK (VAR=VALUE) is exported for everything after.
+# -k 15: a process stuck in a driver wait may ignore SIGTERM. -v: a killed run still names the
+# tests it got through.
+run_first() {
+  local log=$1 seconds=$2 fallback=$3 rc
+  shift 3
+  timeout -k 15 "$seconds" python3 -m pytest -v -p no:cacheprovider "$@" 2>&1 | tee "$log" | tail -25
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "pytest $*: rc=$rc (124 = timed out / hang); the suite below runs with $fallback" | tee -a "$log"
+    export "$fallback"
+  fi
+}
+
 # pytest_in_time_left LOG ARGS...: the copied tests/ (minus the cluster file, run first) with
 # ARGS, bounded by what remains of the command (time_for).
 pytest_in_time_left() {
@@ -99,30 +114,17 @@ build_and_test() {
   cd /tmp/rlhf_tests || return 1
   export PYTHONPATH="$site:${PYTHONPATH:-}"
   python3 -m rlhf_fast.info | tee -a "$OUT/build.log"
-  # The sm_90 cluster kernel first, bounded: a cluster-barrier bug would hang rather than fail.
-  # If it fails or hangs, the rest of the suite runs on the Triton rows (RLHF_FAST_PPO_CLUSTER=0)
-  # so one broken kernel does not hide the others' results.
-  # -k: a process stuck in a driver wait may ignore SIGTERM. -v: a killed run still names the
-  # tests it got through.
-  timeout -k 15 180 python3 -m pytest tests/test_ppo_from_logits_cluster.py -v -p no:cacheprovider 2>&1 \
-    | tee "$OUT/tests-cluster.log" | tail -25
-  local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then
-    echo "cluster kernel tests: rc=$rc (124 = timed out / hang); the suite below runs with RLHF_FAST_PPO_CLUSTER=0" \
-      | tee -a "$OUT/tests-cluster.log"
-    export RLHF_FAST_PPO_CLUSTER=0
-  fi
-  # The same for the per-token PPO loss's fused launch (its programs wait for each other inside
-  # the kernel: a bug there hangs, and a hung kernel would stall every later test that calls the
-  # loss). Its tests first, bounded; if they fail or hang, the rest runs the split launches.
-  timeout -k 15 240 python3 -m pytest tests/test_ppo.py -v -p no:cacheprovider -k "fused or schedule or large_gpu" 2>&1 \
-    | tee "$OUT/tests-fused.log" | tail -25
-  rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then
-    echo "fused launch tests: rc=$rc (124 = timed out / hang); the suite below runs with RLHF_FAST_PPO_LAUNCH=split" \
-      | tee -a "$OUT/tests-fused.log"
-    export RLHF_FAST_PPO_LAUNCH=split
-  fi
+  # Kernels whose bugs would hang rather than fail run first, bounded (run_first), and are left out
+  # of the whole-suite run below, so one broken kernel neither stalls nor hides the others' results:
+  # the sm_90 cluster kernel of ppo_loss_from_logits (a cluster barrier), falling back to the
+  # Triton rows; and the per-token PPO loss's fused launch (its programs wait for each other
+  # inside the kernel), falling back to the split launches.
+  run_first "$OUT/tests-cluster.log" 180 RLHF_FAST_PPO_CLUSTER=0 tests/test_ppo_from_logits_cluster.py
+  local fused_tests="fused or schedule or large_gpu" fused_ids id deselect=()
+  mapfile -t fused_ids < <(python3 -m pytest tests/test_ppo.py -q --co -p no:cacheprovider -k "$fused_tests" 2>/dev/null \
+    | grep '::')
+  for id in "${fused_ids[@]}"; do deselect+=(--deselect "$id"); done
+  run_first "$OUT/tests-fused.log" 240 RLHF_FAST_PPO_LAUNCH=split tests/test_ppo.py -k "$fused_tests"
   # The device image has pytest-xdist and pytest-timeout. Most tests run on 12 workers (each
   # JIT-compiles its own Triton variants, the slow part of a first GPU run; tests/conftest.py
   # empties the CUDA cache after every gpu test); the big int64-offset cases (marked slow, up to
@@ -132,8 +134,8 @@ build_and_test() {
   local par="" per_test=""
   python3 -c "import xdist" 2>/dev/null && par="-n 12"
   python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
-  pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow"
-  pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow
+  pytest_in_time_left "$OUT/tests.log" --maxfail=25 --durations=15 $par $per_test -m "not slow" "${deselect[@]}"
+  pytest_in_time_left "$OUT/tests-slow.log" $per_test -m slow "${deselect[@]}"
   # build: device.txt, build.log, tests-cluster.log, tests-fused.log, tests.log, tests-slow.log,
   # wheel/ (2) = 8 files
   cd - >/dev/null || true
