@@ -32,9 +32,9 @@ Backend: "auto" by default (CUDA tensors -> Triton kernels; CPU tensors -> the r
 On CPU with TRITON_INTERPRET=1 set in the environment (how CI runs the kernels without a GPU),
 "auto" becomes "triton" so that the kernel path really runs, under Triton's interpreter.
 
-    pip install .[examples]                    # transformers
+    pip install --no-build-isolation .[examples]   # transformers
     python examples/dpo_train.py               # CPU, ~15 s (both runs)
-    TRITON_INTERPRET=1 python examples/dpo_train.py --steps 3 --batch 4   # kernels, interpreted
+    TRITON_INTERPRET=1 python examples/dpo_train.py --steps 3 --batch 4 --no-check-learning   # kernels, interpreted
     python examples/dpo_train.py --device cuda
 """
 
@@ -175,6 +175,12 @@ def parse_args(argv):
     p.add_argument("--rtol", type=float, default=1e-4, help="loss-curve tolerance, relative to |loss|")
     p.add_argument("--atol", type=float, default=1e-5, help="loss-curve tolerance, absolute")
     p.add_argument("--min-accuracy", type=float, default=0.9, help="held-out reward accuracy to reach")
+    p.add_argument(
+        "--check-learning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fail when training did not learn (default on; off for a few-step smoke run of the kernels)",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: the model is tiny, threading only adds overhead)"
@@ -219,7 +225,7 @@ def _run(args, log, backend: str) -> dict:
         and sum(run["margins"][-tail:]) > 0
         and run["eval_after"]["policy_prefers_chosen"] >= run["eval_before"]["policy_prefers_chosen"] + 0.2
     )
-    ok = results["learned"]
+    ok = results["learned"] or not args.check_learning
 
     if args.check_reference:
         log("reference run (backend='reference'), same seed and data:")

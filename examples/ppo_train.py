@@ -41,9 +41,9 @@ Backend: "auto" by default (CUDA tensors -> Triton kernels; CPU tensors -> the r
 On CPU with TRITON_INTERPRET=1 set in the environment (how CI runs the kernels without a GPU),
 "auto" becomes "triton" so that the kernel path really runs, under Triton's interpreter.
 
-    pip install .[examples]                    # transformers
+    pip install --no-build-isolation .[examples]   # transformers
     python examples/ppo_train.py               # CPU, ~10 s
-    TRITON_INTERPRET=1 python examples/ppo_train.py --steps 2 --prompts 2 --group-size 4  # kernels
+    TRITON_INTERPRET=1 python examples/ppo_train.py --steps 2 --prompts 2 --group-size 4 --no-check-learning  # kernels
     python examples/ppo_train.py --device cuda
 """
 
@@ -215,6 +215,12 @@ def parse_args(argv):
     )
     p.add_argument("--atol", type=float, default=1e-5, help="loss tolerance, absolute")
     p.add_argument("--min-gain", type=float, default=0.25, help="required rise of the mean reward")
+    p.add_argument(
+        "--check-learning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fail when training did not learn (default on; off for a few-step smoke run of the kernels)",
+    )
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: the model is tiny, threading only adds overhead)"
@@ -250,7 +256,7 @@ def _run(args, log, backend: str) -> dict:
     start, end = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     results = dict(run, backend=backend, steps=args.steps, reward_start=start, reward_end=end)
     results["learned"] = bool(end >= start + args.min_gain)
-    ok = results["learned"]
+    ok = results["learned"] or not args.check_learning
     if args.check_reference:
         results["max_abs_diff"] = max(run["loss_diffs"])
         results["max_grad_rel_diff"] = max(run["grad_diffs"])

@@ -15,9 +15,10 @@ are then equal (or the tie is a measure-zero boundary case), so taking the uncli
 
 Every `aggregate` mode is a weighted sum  loss = sum_bt w_bt L_bt  with w_bt = m_bt * s_b and a
 per-row scale s_b that depends on the mask alone (rlhf_fast.aggregation.aggregation_weights):
-    token-mean  1 / max(sum m, 1)         seq-mean-token-sum       1 / n_seqs
-    seq-mean-token-mean  1 / (max(sum_t m_bt, 1) n_seqs)   seq-mean-token-sum-norm  1 / (n_seqs H)
-(n_seqs = max(#rows with sum_t m_bt > 0, 1)). So the weights are known before the loss, and the
+    token-mean  1 / sum m                 seq-mean-token-sum       1 / n_seqs
+    seq-mean-token-mean  1 / (sum_t m_bt n_seqs)           seq-mean-token-sum-norm  1 / (n_seqs H)
+(n_seqs = max(#rows with sum_t m_bt > 0, 1); a mask sum of 0 divides by 1 instead, so an empty
+mask or row gives 0, and a fractional mask summing to less than 1 still divides by its sum). So the weights are known before the loss, and the
 forward writes the FINAL gradient w * dL/dx, in the input's dtype:
 
   COUNT: reads the mask once -> counts_b = sum_t m_bt; the program that finishes last turns the
@@ -225,7 +226,7 @@ def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG: t
     n_seqs = tl.maximum(tl.sum(acc_rows, axis=0), 1.0)
     tl.store(total_ptr, total_m)
     if AGG == 0:
-        s = 1.0 / tl.maximum(total_m, 1.0)
+        s = 1.0 / tl.where(total_m > 0.0, total_m, 1.0)  # a fractional mask may sum to < 1
     elif AGG == 3:
         s = 1.0 / (n_seqs * horizon)
     else:
@@ -234,7 +235,7 @@ def _row_scales(counts_ptr, scale_ptr, total_ptr, B, horizon, loss_scale, AGG: t
         rows = start + lanes
         if AGG == 2:
             c = tl.load(counts_ptr + rows, mask=rows < B, other=0.0, cache_modifier=".cg")
-            scale = 1.0 / (tl.maximum(c, 1.0) * n_seqs)
+            scale = 1.0 / (tl.where(c > 0.0, c, 1.0) * n_seqs)
         else:
             scale = tl.zeros((BLOCK,), tl.float32) + s
         tl.store(scale_ptr + rows, scale * loss_scale, mask=rows < B)
@@ -480,7 +481,7 @@ def _finalize(
     part_ptr,  # [N_SUMS (+1 max plane), n_tiles]
     total_ptr,  # [1] sum m
     loss_ptr,  # 0-d out
-    stats_ptr,  # [N_SUMS - 1 + HAS_MAX] out: sums 1.. / max(sum m, 1), then the max
+    stats_ptr,  # [N_SUMS - 1 + HAS_MAX] out: sums 1.. / sum m (1 if 0), then the max
     n_tiles,
     N_SUMS: tl.constexpr,
     N_SUMS_P2: tl.constexpr,
@@ -503,7 +504,8 @@ def _finalize(
             )
             run_max = tl.maximum(run_max, tile_max)
     sums = tl.sum(acc, axis=1)
-    denom = tl.maximum(tl.load(total_ptr, cache_modifier=".cg"), 1.0)
+    total = tl.load(total_ptr, cache_modifier=".cg")
+    denom = tl.where(total > 0.0, total, 1.0)
     tl.store(loss_ptr, tl.sum(tl.where(k == 0, sums, 0.0), axis=0))
     # stats[k - 1] = masked mean (0 for an empty mask); k - 1 = -1 is masked off.
     tl.store(stats_ptr + k - 1, sums / denom, mask=(k >= 1) & (k < N_SUMS))

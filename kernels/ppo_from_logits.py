@@ -250,7 +250,8 @@ def _ppo_from_logits_stats_kernel(
         acc_kl += tl.where(counted, mk * kl, 0.0)
         acc_dual += tl.where(counted & dual_active, mk, 0.0)
         acc_rmax = tl.maximum(acc_rmax, tl.where(counted, ratio, -float("inf")))
-    denom = tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+    total_m = tl.sum(acc_m, axis=0)
+    denom = tl.where(total_m > 0.0, total_m, 1.0)  # not max(., 1): a fractional mask may sum to < 1
     rmax = tl.max(acc_rmax, axis=0)  # skips NaN: a NaN ratio shows in the ratio sum instead
     ratio_sum = tl.sum(acc_ratio, axis=0)
     is_nan = ratio_sum != ratio_sum  # noqa: PLR0124 (the NaN test)

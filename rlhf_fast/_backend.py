@@ -6,7 +6,9 @@ Backends:
   "triton"    the Triton kernel (on CPU tensors only under TRITON_INTERPRET=1).
   "cpp"       the compiled extension rlhf_fast._C (C++ on CPU, CUDA on GPU).
   "reference" pure PyTorch (rlhf_fast.reference).
-The environment variable RLHF_FAST_BACKEND sets the default used for backend=None/"auto".
+The environment variable RLHF_FAST_BACKEND sets the default used for backend=None/"auto"; an op
+that has no kernel of that kind (e.g. gae under RLHF_FAST_BACKEND=triton) falls back to "auto"
+instead of raising, so one setting can cover a whole training loop.
 Nothing here touches CUDA at import time.
 """
 
@@ -125,12 +127,18 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     """Pick the implementation for `op` on `device`: returns "triton", "cpp" or "reference".
 
     An explicit backend that the op or the machine does not have raises, naming both;
-    "auto" never raises.
+    "auto" never raises. A backend that comes from RLHF_FAST_BACKEND (backend None or "auto")
+    and that this op has no kernel for falls back to "auto"; one the op has but the machine
+    cannot run (triton on a CPU tensor without the interpreter, a _C that failed to load) still
+    raises, since the setting then asks for something this machine does not do.
     """
     info = OPS[op]
-    requested = default_backend() if backend is None or backend == "auto" else backend
+    from_env = backend is None or backend == "auto"
+    requested = default_backend() if from_env else backend
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
+    if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
+        requested = "auto"
     dev = device.type
     if requested == "auto":
         if dev == "cuda":
@@ -234,6 +242,20 @@ def traced_backward(saved: torch.Tensor) -> bool:
     torch.compiler.is_compiling() is False; the saved tensors are fake then (FunctionalTensors
     over FakeTensors), which no eager backward sees."""
     return torch.compiler.is_compiling() or is_fake(saved)
+
+
+def fp32_outputs(out):
+    """The public contract returns fp32 log-probs, KLs, losses and stats; rlhf_fast.reference keeps
+    fp64 inputs in fp64 (for its float64 oracle tests), so an op's reference path passes its
+    result through here. Tensors, tuples and dicts of tensors; the cast is differentiable (an
+    fp64 input still gets an fp64 gradient)."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.dtype == torch.float64 else out
+    if isinstance(out, tuple):
+        return tuple(fp32_outputs(o) for o in out)
+    if isinstance(out, dict):
+        return {k: fp32_outputs(v) for k, v in out.items()}
+    return out
 
 
 def kernel_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -655,7 +655,7 @@ _add(
         notes="eager: log_softmax(x.float()).gather; compile: torch.compile(gather - logsumexp); "
         "liger: LigerCrossEntropyLoss(reduction='none'), negated (with a per-token upstream gradient "
         "Liger 0.8.5 builds an fp32 [N, V] buffer in its backward: more time and memory than in "
-        "ANCHORS.md, whose runs back-propagated a sum); rlhf_fast inplace_backward: the gradient "
+        "the project's anchor runs, which back-propagated a sum); rlhf_fast inplace_backward: the gradient "
         "written into the logits' storage",
     )
 )

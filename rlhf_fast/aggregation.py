@@ -27,13 +27,14 @@ def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=
     check_tensor("mask", mask, ndim=2)
     m = mask.to(torch.float32)
     if agg == "token-mean":
-        return m / m.sum().clamp_min(1.0)
+        total = m.sum()
+        return m / torch.where(total > 0, total, 1.0)  # not clamp_min(1): a fractional mask may sum to < 1
     per_seq = m.sum(dim=-1, keepdim=True)  # [B, 1] counted tokens per sequence
     n_seqs = (per_seq > 0).sum().to(torch.float32).clamp_min(1.0)  # sequences with a counted token
     if agg == "seq-mean-token-sum":
         return m / n_seqs
     if agg == "seq-mean-token-mean":
-        return m / (per_seq.clamp_min(1.0) * n_seqs)
+        return m / (torch.where(per_seq > 0, per_seq, 1.0) * n_seqs)
     divisor = float(mask.shape[-1] if horizon is None else horizon)
     return m / (n_seqs * divisor)
 

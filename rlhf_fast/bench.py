@@ -7,11 +7,11 @@ For each case (op, shape, dtype, fwd or fwd+bwd) it
   * times rlhf_fast and its peers: the eager PyTorch composition, torch.compile of it, and on a
     GPU Liger-Kernel / Cut-Cross-Entropy when importable (CUDA events, L2 flushed between reps;
     time.perf_counter on CPU; median of the reps);
-  * reports the floor: the bytes the op must move (DESIGN.md model) / the device-to-device copy
+  * reports the floor: the bytes the op must move (its bytes-moved model) / the device-to-device copy
     bandwidth measured in the same run, and the peak memory above the inputs (GPU only).
 
-Sizes: ANCHORS.md sizes on a GPU, small ones on CPU (the full CPU run takes a few minutes on two
-cores, --quick well under one). Prints one Markdown table and writes
+Sizes: the peers' H100 anchor sizes on a GPU, small ones on CPU (the full CPU run takes well
+under a minute on two cores). Prints one Markdown table and writes
 <out>/<device>-<date>.json and .md (and PNG plots when matplotlib is installed).
 Exit status 1 when any check fails or rlhf_fast raises; an op whose module is not there yet is
 reported as "unavailable" and does not fail the run.
@@ -771,8 +771,8 @@ def notes_lines(results: list[CaseResult]) -> list[str]:
 
 
 LEGEND = (
-    "ms: median time (fwd+bwd = forward and backward). floor ms: bytes the op must move (DESIGN.md "
-    "model) / the copy bandwidth above (linear_logprobs: 3 x one matmul). floor frac: floor / "
+    "ms: median time (fwd+bwd = forward and backward). floor ms: bytes the op must move (the op's "
+    "bytes-moved model) / the copy bandwidth above (linear_logprobs: 3 x one matmul). floor frac: floor / "
     "rlhf_fast time (1.0 = at the floor). extra GB: peak memory above the inputs (GPU only; the "
     "256 MB L2-flush buffer is not counted). max err: max |rlhf_fast - reference| over outputs "
     "and gradients; FAIL when above the per-dtype tolerance (atol x max|ref| + rtol x |ref|). "

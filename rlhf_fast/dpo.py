@@ -24,6 +24,7 @@ from rlhf_fast._backend import (
     check_float,
     check_same_device,
     check_tensor,
+    fp32_outputs,
     register_op,
     resolve,
 )
@@ -306,17 +307,19 @@ def dpo_loss(
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.dpo_loss(
-            pc,
-            pr,
-            rc,
-            rr,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=ls,
-            reference_free=bool(reference_free),
-            gamma=gamma,
-            discopop_tau=tau,
+        return fp32_outputs(
+            reference.dpo_loss(
+                pc,
+                pr,
+                rc,
+                rr,
+                beta=beta,
+                loss_type=loss_type,
+                label_smoothing=ls,
+                reference_free=bool(reference_free),
+                gamma=gamma,
+                discopop_tau=tau,
+            )
         )
     if no_ref:
         rc = rr = None
@@ -422,21 +425,23 @@ def dpo_loss_from_logits(
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.dpo_loss_from_logits(
-            logits,
-            labels,
-            mask,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=ls,
-            average=average,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            reference_free=bool(reference_free),
-            gamma=gamma,
-            discopop_tau=tau,
+        return fp32_outputs(
+            reference.dpo_loss_from_logits(
+                logits,
+                labels,
+                mask,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                beta=beta,
+                loss_type=loss_type,
+                label_smoothing=ls,
+                average=average,
+                temperature=temperature,
+                ignore_index=ignore_index,
+                reference_free=bool(reference_free),
+                gamma=gamma,
+                discopop_tau=tau,
+            )
         )
     from rlhf_fast.token_logprobs import sequence_logprobs
 

@@ -22,6 +22,7 @@ from rlhf_fast._backend import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    fp32_outputs,
     register_op,
     resolve,
 )
@@ -163,7 +164,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
     With d = logprobs - ref_logprobs (computed in fp32):
         "k1" (alias "kl")          d
         "k2" (alias "mse")         d^2 / 2
-        "k3" (alias "low_var_kl")  exp(-d) + d - 1  = exp(ref - logp) - (ref - logp) - 1  (>= 0)
+        "k3" (alias "low_var_kl")  exp(-d) + d - 1  = exp(ref - logp) - (ref - logp) - 1  (>= 0);
+                                   the alias does not clamp: verl's low_var_kl clamps to
+                                   [-10, 10], so pass clamp=10.0 for verl's numbers
         "abs"                      |d|
         "k1+", "k3+", "abs+" (aliases "kl+", "low_var_kl+"; "k2+" / "mse+" = "k2"): verl's
             straight-through kinds: the value of k1 / k3 / abs, the gradient of k2 (d), which is
@@ -188,7 +191,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp)
+        return fp32_outputs(reference.kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp))
     if torch.compiler.is_compiling():
         return _kl_penalty_op(logprobs, ref_logprobs, canonical, clamp)
     return _KLPenaltyFunction.apply(logprobs, ref_logprobs, canonical, clamp)
@@ -239,7 +242,9 @@ def shape_rewards(
         from rlhf_fast import reference
 
         with torch.no_grad():
-            return reference.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kind)
+            return fp32_outputs(
+                reference.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kind)
+            )
     return _shape_rewards_op(
         scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), float(kl_coef), canonical
     )

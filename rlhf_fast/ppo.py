@@ -1,9 +1,10 @@
 """PPO per-token losses on [B, T] log-probs / values: the clipped policy loss and the clipped value loss.
 
     ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                    dual_clip=None, agg="token-mean", horizon=None, backend=None) -> (loss, stats)
+                    dual_clip=None, agg="token-mean", horizon=None, backend=None,
+                    loss_scale=1.0) -> (loss, stats)
     ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean",
-                   horizon=None, backend=None) -> (loss, stats)
+                   horizon=None, backend=None, loss_scale=1.0) -> (loss, stats)
 
 Fast path: `rlhf_fast.kernels.ppo`. Every aggregation mode weights token (b, t) by m_bt * s_b with
 a row scale s_b that depends on the mask alone, so the forward first reduces the mask to those
@@ -34,6 +35,7 @@ from rlhf_fast._backend import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    fp32_outputs,
     register_op,
     resolve,
 )
@@ -289,7 +291,7 @@ def ppo_policy_loss(
             tokens whose clipped branch is strictly active), "approx_kl" (masked mean of
             old_logprobs - logprobs), "ratio_mean", "ratio_max" (over counted tokens, 0 for an
             empty mask) and, with dual_clip, "dual_clipfrac" (masked fraction where the dual clip
-            is strictly active). Masked means divide by max(sum(mask), 1).
+            is strictly active). Masked means divide by sum(mask) (by 1 for an empty mask).
     Uncounted tokens contribute exactly 0 (an inf ratio from a huge log-prob difference there
     never reaches the loss or gradient); an empty mask gives loss 0, gradient 0, stats 0.
 
@@ -307,17 +309,19 @@ def ppo_policy_loss(
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.ppo_policy_loss(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            clip_eps=clip_eps,
-            clip_eps_high=clip_eps_high,
-            dual_clip=dual_clip,
-            agg=agg,
-            horizon=horizon,
-            loss_scale=loss_scale,
+        return fp32_outputs(
+            reference.ppo_policy_loss(
+                logprobs,
+                old_logprobs,
+                advantages,
+                mask,
+                clip_eps=clip_eps,
+                clip_eps_high=clip_eps_high,
+                dual_clip=dual_clip,
+                agg=agg,
+                horizon=horizon,
+                loss_scale=loss_scale,
+            )
         )
     loss, stats_vec = _fused_loss(
         _ppo_policy_op,
@@ -346,7 +350,7 @@ def ppo_value_loss(
     returns: Tensor,
     mask: Tensor,
     *,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
     agg: str = "token-mean",
     horizon=None,
     backend=None,
@@ -362,7 +366,9 @@ def ppo_value_loss(
         old_values: [B, T] value predictions at rollout time; returns: [B, T] targets. (verl's
             compute_value_loss takes (vpreds, returns, values, ...): a different order.)
         mask: [B, T] bool, integer or float; 1 = token counts.
-        clip_eps: value clip range >= 0 (default 0.2).
+        clip_eps: value clip range >= 0 (default 0.2), or None for the unclipped loss
+            0.5 (values - returns)^2 (OpenRLHF's ValueLoss(clip_eps=None); old_values is then
+            not used, and vf_clipfrac is 0).
         agg, horizon, loss_scale: as in `ppo_policy_loss`.
         backend: None/"auto", "triton" or "reference".
     Returns:
@@ -374,15 +380,20 @@ def ppo_value_loss(
     same graph raises RuntimeError).
     """
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
-    eps = check_float("clip_eps", clip_eps, low=0.0)
+    eps = check_float("clip_eps", clip_eps, low=0.0, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)
     h = _horizon(agg, horizon, values.shape[-1])
     impl = resolve("ppo_value_loss", backend, values.device)
+    if eps is None and impl != "reference":
+        # Unclipped, through the same kernel: clip(v, v - 0, v + 0) = v makes both terms equal.
+        old_values, eps = values, 0.0
     if impl == "reference":
         from rlhf_fast import reference
 
-        return reference.ppo_value_loss(
-            values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon, loss_scale=loss_scale
+        return fp32_outputs(
+            reference.ppo_value_loss(
+                values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon, loss_scale=loss_scale
+            )
         )
     loss, stats_vec = _fused_loss(
         _ppo_value_op,

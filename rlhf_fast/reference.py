@@ -81,10 +81,16 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _denominator(total: torch.Tensor) -> torch.Tensor:
+    """A mask total as a divisor: itself where > 0, else 1 (nothing counted -> the sum, 0, stays 0).
+    Not clamp_min(1): a fractional mask may weigh less than 1 in all and still divides by its sum."""
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x*m)/sum(m) over counted entries; 0 when nothing counts."""
     m = mask.to(x.dtype)
-    return torch.where(m != 0, x * m, 0.0).sum() / m.sum().clamp_min(1.0)
+    return torch.where(m != 0, x * m, 0.0).sum() / _denominator(m.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +156,7 @@ def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1
     m = torch.where(counted, mask.to(logp.dtype) if mask is not None else torch.ones_like(logp), 0.0)
     total = torch.where(counted, logp * m, 0.0).sum(-1)
     if average:
-        return total / m.sum(-1).clamp_min(1.0)
+        return total / _denominator(m.sum(-1))
     return total
 
 
@@ -269,15 +275,18 @@ def discounted_returns(rewards, mask, *, gamma=1.0):
 
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     """(x - mean) / sqrt(var + eps) with mean and unbiased (Bessel) variance over counted tokens
-    (verl/TRL `masked_whiten`). shift_mean=False adds the mean back. Applied at every position;
-    with fewer than 2 counted tokens the variance is taken as 0 (no division by zero)."""
+    (verl/TRL `masked_whiten`; a float mask weighs each token, n = sum(mask), var = sum(m (x -
+    mean)^2) / (n - 1)). shift_mean=False adds the mean back. Applied at every position. Where
+    n <= 1 the sum of squares is divided by 1 instead of n - 1 (no division by zero; a single
+    counted token gives variance 0), and an empty mask gives mean 0."""
     dt = _compute_dtype(x)
     x = x.to(dt)
     m = mask.to(dt)
     n = m.sum()
-    mean = torch.where(m != 0, x * m, 0.0).sum() / n.clamp_min(1.0)
+    mean = torch.where(m != 0, x * m, 0.0).sum() / _denominator(n)
     centered = x - mean
-    var = torch.where(m != 0, centered * centered * m, 0.0).sum() / (n - 1).clamp_min(1.0)
+    sq = torch.where(m != 0, centered * centered * m, 0.0).sum()
+    var = sq / _denominator(n - 1)
     white = centered * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
@@ -333,7 +342,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     m = mask.to(dt)
     Lm = torch.where(m != 0, loss_mat.to(dt) * m, 0.0)
     if agg == "token-mean":
-        return Lm.sum() / m.sum().clamp_min(1.0)
+        return Lm.sum() / _denominator(m.sum())
     tokens = m.sum(-1)
     nonempty = tokens > 0
     n_seq = nonempty.sum().to(dt).clamp_min(1.0)
@@ -341,7 +350,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     if agg == "seq-mean-token-sum":
         return seq_sum.sum() / n_seq
     if agg == "seq-mean-token-mean":
-        return torch.where(nonempty, seq_sum / tokens.clamp_min(1.0), 0.0).sum() / n_seq
+        return torch.where(nonempty, seq_sum / _denominator(tokens), 0.0).sum() / n_seq
     h = mask.shape[-1] if horizon is None else horizon
     return seq_sum.sum() / n_seq / h
 
@@ -415,12 +424,16 @@ def ppo_policy_loss(
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", horizon=None, loss_scale=1.0):
     """Clipped value loss (verl `compute_value_loss`): per token
     0.5 max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2), aggregated (times loss_scale).
-    Returns (loss, stats): vf_clipfrac (clipped term strictly larger), vpred_mean."""
+    Returns (loss, stats): vf_clipfrac (clipped term strictly larger), vpred_mean.
+    clip_eps=None: no clipping, 0.5 (v - R)^2 (OpenRLHF ValueLoss(clip_eps=None)); old_values unused."""
     dt = _compute_dtype(values)
     v = values.to(dt)
-    v_old = old_values.detach().to(dt)
     R = returns.detach().to(dt)
-    v_clipped = torch.maximum(torch.minimum(v, v_old + clip_eps), v_old - clip_eps)
+    if clip_eps is None:
+        v_clipped = v
+    else:
+        v_old = old_values.detach().to(dt)
+        v_clipped = torch.maximum(torch.minimum(v, v_old + clip_eps), v_old - clip_eps)
     # Zero the residuals at uncounted tokens: an inf there would give inf * 0 = NaN in the backward.
     counted = mask != 0
     l1 = torch.where(counted, v - R, 0.0) ** 2
@@ -453,10 +466,13 @@ def ppo_loss_from_logits(
     horizon=None,
     ignore_index=-100,
     loss_scale=1.0,
+    inplace_backward=False,
 ):
     """PPO/GRPO actor loss from logits [B, T, V]: per-token log-probs and entropy, the clipped
     policy term, + kl_coef * kl_penalty(logp, ref, kl_kind, clamp=kl_clamp) when ref_logprobs is given,
     - entropy_coef * entropy, aggregated (ignore_index tokens count as masked out).
+    inplace_backward is accepted for the public op's signature and changes nothing here (it is a
+    memory option of the kernel path: the gradient written into the logits' storage).
 
     Returns (loss, stats): logprobs [B, T] (detached), entropy (masked mean), clipfrac,
     approx_kl, ratio_mean, ratio_max, kl (masked mean of the KL term, 0 without ref),
@@ -498,8 +514,8 @@ def ppo_loss_from_logits(
 def dpo_loss(
     policy_chosen_logps,
     policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
     *,
     beta=0.1,
     loss_type="sigmoid",
@@ -527,7 +543,8 @@ def dpo_loss(
       simpo     x = b(pi_c - pi_r) - gamma: -ls(x)(1-ls) - ls(-x) ls  (Meng et al.; pass
                 length-averaged log-probs)
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) fp32, rewards = b(pi - ref)
-    detached (b*pi where the reference is dropped).
+    detached (b*pi where the reference is dropped). The ref log-probs may be None (the default)
+    only where the reference is dropped (reference_free or simpo).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
@@ -538,6 +555,9 @@ def dpo_loss(
     dt = _compute_dtype(policy_chosen_logps)
     pc, pr = policy_chosen_logps.to(dt), policy_rejected_logps.to(dt)
     no_ref = reference_free or loss_type == "simpo"
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if t is None and not no_ref:
+            raise ValueError(f"{name} is required unless reference_free=True or loss_type='simpo'")
     rc = torch.zeros_like(pc) if no_ref else ref_chosen_logps.to(dt)
     rr_ = torch.zeros_like(pr) if no_ref else ref_rejected_logps.to(dt)
     b, ls = beta, label_smoothing

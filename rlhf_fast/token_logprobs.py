@@ -427,8 +427,9 @@ def sequence_logprobs(
         mask: [B, T] bool, int or float weights (default None = all ones). Tokens whose label is
             ``ignore_index`` never count, whatever the mask. The mask gets no gradient.
         average: False (default) sums the counted tokens' log-probs; True divides by the sum of
-            the mask over counted tokens, clamped to at least 1 (the number of counted tokens for
-            a bool mask). A row with no counted token gives 0 (and 0 gradient).
+            the mask over counted tokens (the number of counted tokens for a bool mask; a
+            fractional mask's own sum, even below 1). A row with no counted token gives 0 (and 0
+            gradient).
         temperature: positive float (default 1.0).
         ignore_index: default -100.
         backend: None/"auto", "triton" or "reference".
@@ -462,7 +463,8 @@ def sequence_logprobs(
     else:
         weight = as_float_mask("mask", mask.detach(), labels) * counted
     if average:
-        # As the reference: divide by the counted weight, clamped to >= 1 (an empty row gives 0).
-        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1.0)
+        # As the reference: divide by the counted weight where it is > 0 (an empty row gives 0).
+        total = weight.sum(-1, keepdim=True)
+        weight = weight / torch.where(total > 0, total, 1.0)
     token, _ = torch.ops.rlhf_fast.sequence_logprobs_fwd(logits, labels, weight, temperature, ignore_index)
     return token.sum(-1)

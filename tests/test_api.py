@@ -1,5 +1,6 @@
 """Package-level behaviour: exports, backend choice, aggregation, import hygiene, info."""
 
+import inspect
 import subprocess
 import sys
 
@@ -48,6 +49,26 @@ def test_resolve_auto_and_explicit(monkeypatch):
     monkeypatch.setenv("RLHF_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="RLHF_FAST_BACKEND"):
         _backend.default_backend()
+
+
+def test_env_backend_falls_back_for_ops_without_that_kernel(monkeypatch):
+    """RLHF_FAST_BACKEND=triton covers a whole loop: ops with no Triton kernel (aggregate, gae)
+    take the "auto" choice instead of raising; the explicit argument stays strict."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    assert _backend.resolve("aggregate", None, cpu) == "reference"
+    assert _backend.resolve("aggregate", "auto", cpu) == "reference"
+    assert _backend.resolve("gae", None, cpu) == _backend.resolve("gae", "auto", cpu)
+    with pytest.raises(ValueError, match="aggregate: has no Triton kernel"):
+        _backend.resolve("aggregate", "triton", cpu)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cpp")
+    assert _backend.resolve("aggregate", None, cpu) == "reference"
+    # an op that has the kernel but this machine cannot run it still raises
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rlhf_fast.logprobs  # noqa: B018  (registers the op)
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        _backend.resolve("logprobs", None, cpu)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -113,3 +134,49 @@ def test_info_runs_and_reports_every_op(capsys):
         assert name in out
     data = info.collect()
     assert data["ops"]["gae"]["cpu"] == "cpp"  # the C++ kernel is what CPU tensors get
+
+
+def test_reference_path_returns_fp32_for_fp64_inputs():
+    """The contract's outputs are fp32 whichever backend runs: the ops that accept fp64 inputs
+    return fp32 on the reference path too (rlhf_fast.reference itself keeps fp64), and the fp64
+    input still gets an fp64 gradient."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.float64
+    lp = torch.randn(3, 5, dtype=d, generator=g).requires_grad_()
+    x = torch.randn(3, 5, dtype=d, generator=g)
+    m = torch.ones(3, 5, dtype=torch.bool)
+    pair = [torch.randn(2, dtype=d, generator=g) for _ in range(4)]
+    outs = {
+        "kl_penalty": rlhf_fast.kl_penalty(lp, x, "k3", backend="reference"),
+        "shape_rewards": rlhf_fast.shape_rewards(x[:, 0], lp, x, m, kl_coef=0.1, backend="reference"),
+        "ppo_policy_loss": rlhf_fast.ppo_policy_loss(lp, x, x, m, backend="reference"),
+        "ppo_value_loss": rlhf_fast.ppo_value_loss(lp, x, x, m, backend="reference"),
+        "dpo_loss": rlhf_fast.dpo_loss(*pair, backend="reference"),
+    }
+    for name, out in outs.items():
+        parts = [out] if isinstance(out, torch.Tensor) else list(out)
+        flat = [t for p in parts for t in (p.values() if isinstance(p, dict) else [p])]
+        assert all(t.dtype == torch.float32 for t in flat), (name, [t.dtype for t in flat])
+    want = reference.ppo_policy_loss(lp, x, x, m)[0]
+    assert want.dtype == d  # the reference module itself keeps fp64 for the oracle tests
+    (grad,) = torch.autograd.grad(outs["ppo_policy_loss"][0], lp)
+    assert grad.dtype == d
+    (want_grad,) = torch.autograd.grad(want, lp)
+    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_has_the_public_signatures():
+    """README: rlhf_fast.reference has the same API (minus backend= and private test hooks)."""
+    for name in rlhf_fast._EXPORTS:
+        if name in ("PPOLoss", "DPOLoss"):
+            continue
+        public = inspect.signature(getattr(rlhf_fast, name)).parameters
+        ref_params = inspect.signature(getattr(reference, name)).parameters
+        want = {k: (p.kind, p.default) for k, p in public.items() if k != "backend" and not k.startswith("_")}
+        got = {k: (p.kind, p.default) for k, p in ref_params.items()}
+        assert got == want, name
+    pc, pr = torch.randn(3), torch.randn(3)
+    losses, _, _ = reference.dpo_loss(pc, pr, loss_type="simpo")
+    torch.testing.assert_close(losses, rlhf_fast.dpo_loss(pc, pr, loss_type="simpo", backend="reference")[0])
+    with pytest.raises(ValueError, match="ref_chosen_logps is required"):
+        reference.dpo_loss(pc, pr)

@@ -497,7 +497,7 @@ def test_shifted_slice_entropy_and_sequence_logprobs(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("average", [False, True])
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "tiny"])
 def test_sequence_logprobs(dtype, average, mask_kind):
     B, T, V = 3, 5, 1271
     logits = make_logits((B, T, V), dtype)
@@ -512,6 +512,8 @@ def test_sequence_logprobs(dtype, average, mask_kind):
         labels[2, 4] = V + 5  # a bad label at a masked-out position never contributes
         if mask_kind == "float":
             mask = mask.float() * 0.5 + mask.float() * torch.rand(B, T, device=DEVICE)
+        elif mask_kind == "tiny":  # each row's weights sum to < 1: average divides by that sum
+            mask = mask.float() * (0.05 + 0.1 * torch.rand(B, T, device=DEVICE))
     g = [make_logits((B,), torch.float32, seed=3, scale=1.0)]
     kw = dict(average=average, temperature=0.7)
     (out,), grad = grads_of(lambda x: sequence_logprobs(x, labels, mask, backend=BACKEND, **kw), logits, g)

@@ -29,6 +29,7 @@ def oracle_weights(mask, agg, horizon=None):
     m = [[float(mask[b, t]) for t in range(T)] for b in range(B)]
     per_seq = [sum(row) for row in m]
     total = sum(per_seq)
+    # verl divides by the mask sums themselves (a fractional mask may sum to < 1); 1 only where 0.
     n_seqs = max(sum(1 for c in per_seq if c > 0), 1)
     h = T if horizon is None else horizon
     w = [[0.0] * T for _ in range(B)]
@@ -37,11 +38,11 @@ def oracle_weights(mask, agg, horizon=None):
             if m[b][t] == 0.0:
                 continue
             if agg == "token-mean":
-                w[b][t] = m[b][t] / max(total, 1.0)
+                w[b][t] = m[b][t] / total
             elif agg == "seq-mean-token-sum":
                 w[b][t] = m[b][t] / n_seqs
             elif agg == "seq-mean-token-mean":
-                w[b][t] = m[b][t] / (max(per_seq[b], 1.0) * n_seqs)
+                w[b][t] = m[b][t] / (per_seq[b] * n_seqs)
             else:
                 w[b][t] = m[b][t] / (n_seqs * h)
     return w, m
@@ -50,7 +51,7 @@ def oracle_weights(mask, agg, horizon=None):
 def _masked_mean(values, m):
     total = sum(mi for row in m for mi in row)
     acc = sum(v * mi for vrow, mrow in zip(values, m) for v, mi in zip(vrow, mrow) if mi != 0.0)
-    return acc / max(total, 1.0)
+    return acc / (total if total > 0 else 1.0)
 
 
 def oracle_policy(logp, old, adv, mask, eps_low, eps_high, dual_clip, agg, horizon=None):
@@ -135,6 +136,8 @@ def _policy_case(B, T, seed=0, dtype=torch.float32, mask_kind="bool", huge_maske
         old = torch.where(mask, old, torch.tensor(-1e4))
     if mask_kind == "float":
         mask = mask.float() * (0.5 + torch.rand(B, T, generator=g))
+    elif mask_kind == "tiny":  # weights whose sums (per row and in all) stay below 1
+        mask = mask.float() * (0.5 + torch.rand(B, T, generator=g)) / (2 * B * T)
     elif mask_kind == "int":
         mask = mask.to(torch.int32)
     return logp.to(dtype).to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE)
@@ -211,9 +214,13 @@ def test_policy_loss_horizon(agg, horizon):
     _close(grad, -0.6 * o_grad)
 
 
-@pytest.mark.parametrize("mask_kind", ["float", "int"])
+@pytest.mark.parametrize("mask_kind", ["float", "int", "tiny"])
 def test_policy_loss_float_and_int_masks(mask_kind):
+    """Weighted masks, "tiny" ones included: their sums (per row and in all) are below 1, and the
+    means still divide by those sums, as verl's agg_loss does (not by max(sum, 1))."""
     logp, old, adv, mask = _policy_case(4, 21, seed=2, mask_kind=mask_kind)
+    if mask_kind == "tiny":
+        assert 0 < mask.sum() < 1
     go = torch.tensor(0.9, device=DEVICE)
     for agg in ("token-mean", "seq-mean-token-mean"):
         loss, stats, grad = _run_policy(logp, old, adv, mask, go, "triton", agg=agg, dual_clip=2.5)
@@ -221,6 +228,10 @@ def test_policy_loss_float_and_int_masks(mask_kind):
         _close(loss, e_loss)
         _close(grad, e_grad)
         _check_stats(stats, e_stats)
+        o_loss, o_grad, o_stats = oracle_policy(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), 0.2, 0.2, 2.5, agg)
+        _close(loss, o_loss)
+        _close(grad, 0.9 * o_grad)
+        _check_stats(stats, o_stats)
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -578,6 +589,35 @@ def test_value_loss_float_mask_bf16_horizon_and_empty():
     empty = torch.zeros_like(mask)
     loss, stats, grad = _run_value(values, old_values, returns, empty, go, "triton")
     assert loss.item() == 0.0 and (grad == 0).all() and all(v.item() == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_value_loss_unclipped(agg):
+    """clip_eps=None: OpenRLHF's ValueLoss(clip_eps=None), 0.5 (v - R)^2 aggregated; old_values
+    is not read (NaN there changes nothing), vf_clipfrac is 0; eager and compiled."""
+    values, old_values, returns, mask = _value_case(4, 23, seed=5)
+    nan_old = torch.full_like(old_values, float("nan"))
+    go = torch.tensor(0.7, device=DEVICE)
+    x = values.detach().clone().requires_grad_()
+    want = 0.5 * rlhf_fast.reference.aggregate((x - returns) ** 2, mask, agg)
+    (want_grad,) = torch.autograd.grad(want, x, go)
+    compiled = torch.compile(
+        lambda a, b, c, d: rlhf_fast.ppo_value_loss(a, b, c, d, clip_eps=None, agg=agg, backend="triton"),
+        fullgraph=True,
+    )
+    for backend in ("triton", "reference", "compiled"):
+        x = values.detach().clone().requires_grad_()
+        if backend == "compiled":
+            loss, stats = compiled(x, nan_old, returns, mask)
+        else:
+            loss, stats = rlhf_fast.ppo_value_loss(x, nan_old, returns, mask, clip_eps=None, agg=agg, backend=backend)
+        (grad,) = torch.autograd.grad(loss, x, go)
+        _close(loss, want.detach())
+        _close(grad, want_grad)
+        assert stats["vf_clipfrac"].item() == 0.0, backend
+    # a clip range wider than any difference gives the same numbers
+    wide = _run_value(values, old_values, returns, mask, go, "triton", clip_eps=1e6, agg=agg)
+    _close(wide[0], want.detach())
 
 
 def test_value_loss_opcheck_compile_and_bad_inputs():

@@ -243,6 +243,20 @@ def test_fp16_and_float_mask():
     check_all(got, want, grad_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_tiny_float_mask_divides_by_its_sum(agg):
+    """Mask weights that sum to < 1 (per row and in all): the loss and the stats divide by the
+    sums themselves, as verl's agg_loss does, not by max(sum, 1)."""
+    logits, labels, old, adv, mask, ref = make_inputs(B=3, T=5, seed=7)
+    mask = mask * torch.linspace(0.01, 0.05, 5, device=DEVICE)
+    assert 0 < mask.sum() < 1
+    got, want = run_both(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.2, entropy_coef=0.01, agg=agg)
+    check_all(got, want)
+    _, stats, _ = got
+    w = torch.where(labels != -100, mask, 0.0)
+    assert_close(stats["approx_kl"], (w * (old - stats["logprobs"])).sum() / w.sum())
+
+
 @pytest.mark.parametrize("scale", [1.0, 3.7, -0.5, 0.0])
 def test_grad_output(scale):
     logits, labels, old, adv, mask, ref = make_inputs(seed=11)

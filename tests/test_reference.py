@@ -205,7 +205,7 @@ def _agg_oracle(L, m, agg, horizon=None):
     B, T = len(L), len(L[0])
     if agg == "token-mean":
         n = sum(m[b][t] for b in range(B) for t in range(T))
-        return sum(L[b][t] * m[b][t] for b in range(B) for t in range(T) if m[b][t]) / max(n, 1)
+        return sum(L[b][t] * m[b][t] for b in range(B) for t in range(T) if m[b][t]) / (n if n > 0 else 1)
     seqs = []
     for b in range(B):
         n = sum(m[b])
@@ -431,3 +431,30 @@ def test_value_loss_ignores_inf_at_uncounted_tokens():
     loss, _ = R.ppo_value_loss(v, torch.zeros(1, 2), torch.tensor([[0.0, math.nan]]), torch.tensor([[1, 0]]))
     loss.backward()
     assert loss.isfinite() and v.grad.isfinite().all() and v.grad[0, 1] == 0
+
+
+def test_fractional_masks_divide_by_their_sums():
+    """A float mask weighs its tokens, and every mean divides by the weights' sum even where that
+    sum is below 1 (verl's agg_loss, masked_mean, masked_whiten); by 1 only where it is 0."""
+    L = torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    m = torch.tensor([[0.5, 0.3, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert R.aggregate(L, m, "seq-mean-token-mean").item() == pytest.approx(1.5)  # (2 + 1) / 2
+    assert R.aggregate(L[:1], m[:1], "token-mean").item() == pytest.approx(2.0)
+    tiny = torch.rand(3, 5, dtype=torch.float64) * 0.05
+    tiny[1] = 0  # an empty row
+    Lr = torch.randn(3, 5, dtype=torch.float64)
+    for agg in R.AGG_MODES:
+        got = R.aggregate(Lr, tiny, agg).item()
+        assert got == pytest.approx(_agg_oracle(Lr.tolist(), tiny.tolist(), agg), abs=1e-12), agg
+    # masked_whiten: verl's masked_var scales the biased variance by n / (n - 1), n = sum(mask).
+    x = torch.tensor([[1.0, 3.0, 5.0]], dtype=torch.float64)
+    half = torch.full((1, 3), 0.5, dtype=torch.float64)
+    want = [-2 / math.sqrt(8.0), 0.0, 2 / math.sqrt(8.0)]  # mean 3; var (0.5 * 4 * 2 / 1.5) * 1.5 / 0.5
+    assert R.masked_whiten(x, half, eps=0.0)[0].tolist() == pytest.approx(want, abs=1e-12)
+    # sequence_logprobs(average=True): the weighted sum over the weights' sum
+    logits = torch.randn(1, 2, 7)
+    labels = torch.tensor([[3, 5]])
+    w = torch.tensor([[0.2, 0.1]])
+    lp = R.logprobs(logits, labels)
+    got = R.sequence_logprobs(logits, labels, w, average=True)
+    torch.testing.assert_close(got, (lp * w).sum(-1) / 0.3)
