@@ -244,6 +244,55 @@ def traced_backward(saved: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or is_fake(saved)
 
 
+SECOND_ORDER_ERROR = (
+    b"rlhf_fast: this op's gradient is computed by its kernels and is not differentiable itself "
+    b"(no double backward / create_graph=True higher-order gradients)"
+)
+
+
+def refuse_second_order(grad):
+    """For an eager backward whose result is a kernel's buffer, not differentiable itself: under
+    create_graph=True (grad mode on inside backward) the returned gradient gets a grad_fn that
+    raises when differentiated again, where it would otherwise count silently as a constant and
+    drop the second-order terms. Unlike @once_differentiable this does not look at whether
+    grad_output requires grad: the true gradient depends on the saved inputs either way (d/dx of
+    sum(kl(x))'s gradient is not 0). A no-op for None and outside create_graph."""
+    if grad is None or not torch.is_grad_enabled():
+        return grad
+    alias = grad.detach()
+    alias.requires_grad_(True)
+    return torch._C._functions.DelayedError(SECOND_ORDER_ERROR, 1)(alias)
+
+
+def kernel_backward(backward):
+    """Decorator for an eager autograd.Function backward computed by kernels: runs it without
+    building a graph and passes every tensor it returns through refuse_second_order."""
+
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        return tuple(refuse_second_order(g) if isinstance(g, torch.Tensor) else g for g in out)
+
+    wrapper.__name__ = backward.__name__
+    wrapper.__doc__ = backward.__doc__
+    return wrapper
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """True where two elements of `t` may share memory (an expanded / stride-0 tensor): such a
+    tensor cannot take a gradient written over it in place (rows would overwrite the inputs of
+    other rows), so inplace_backward falls back to a new buffer. Sliced views ([..., :V],
+    [:, :-1]) do not overlap. Sufficient test, sorted by stride: each dim's stride must exceed
+    the farthest offset the smaller dims reach (a nested layout); anything else counts as
+    overlapping, which only costs the in-place saving."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def fp32_outputs(out):
     """The public contract returns fp32 log-probs, KLs, losses and stats; rlhf_fast.reference keeps
     fp64 inputs in fp64 (for its float64 oracle tests), so an op's reference path passes its

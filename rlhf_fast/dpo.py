@@ -22,6 +22,7 @@ from rlhf_fast._backend import (
     FLOAT_DTYPES,
     LOGP_DTYPES,
     check_float,
+    check_int,
     check_same_device,
     check_tensor,
     fp32_outputs,
@@ -33,6 +34,7 @@ from rlhf_fast._backend import (
 # DPO_LABEL_SMOOTHING_TYPES: the ones whose formula uses label_smoothing (the others reject a
 # non-zero value).
 from rlhf_fast.reference import DPO_LABEL_SMOOTHING_TYPES, DPO_LOSS_TYPES, _dpo_reward_stats
+from rlhf_fast.token_logprobs import LABEL_DTYPES
 
 __all__ = ["dpo_loss", "dpo_loss_from_logits", "DPO_LOSS_TYPES"]
 
@@ -395,7 +397,9 @@ def dpo_loss_from_logits(
         )
     B = n_rows // 2
     rows_shape = tuple(logits.shape[:2])
-    check_tensor("labels", labels, ndim=2)
+    check_tensor("labels", labels, dtypes=LABEL_DTYPES, ndim=2)
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
+    check_int("ignore_index", ignore_index)
     if labels.shape != rows_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [2B, T] = {rows_shape}")
     if mask is not None:

@@ -23,6 +23,7 @@ from rlhf_fast._backend import (
     check_same_shape,
     check_tensor,
     fp32_outputs,
+    kernel_backward,
     register_op,
     resolve,
 )
@@ -110,6 +111,7 @@ class _KLPenaltyFunction(torch.autograd.Function):
         return kl_kernels.kl_forward(logprobs, ref_logprobs, kind, clamp)
 
     @staticmethod
+    @kernel_backward  # the kernels' gradient is not itself differentiable: raise, never drop terms
     def backward(ctx, grad):
         from rlhf_fast.kernels import kl as kl_kernels
 

@@ -36,6 +36,7 @@ from rlhf_fast._backend import (
     check_same_shape,
     check_tensor,
     fp32_outputs,
+    kernel_backward,
     register_op,
     resolve,
 )
@@ -190,6 +191,7 @@ class _FusedLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @kernel_backward  # the gradient is a kernel's buffer: a double backward raises, never drops terms
     def backward(ctx, grad_loss, grad_stats):
         grad_x = None
         if ctx.needs_input_grad[1]:

@@ -30,6 +30,9 @@ from rlhf_fast._backend import (
     check_same_shape,
     check_tensor,
     checks_enabled,
+    kernel_backward,
+    overlaps_itself,
+    refuse_second_order,
     register_op,
     resolve,
     traced_backward,
@@ -257,7 +260,7 @@ def _backward(ctx, grad_loss, *unused_grads):
         return (grad * grad_loss,) + no_input_grads
     ctx.grad_consumed = True
     _scale_grad_op(grad, grad_loss)
-    return (grad,) + no_input_grads
+    return (refuse_second_order(grad),) + no_input_grads
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -277,6 +280,7 @@ class _InplaceBackward(torch.autograd.Function):
         return loss, logp, ent, stats
 
     @staticmethod
+    @kernel_backward  # the gradient is a kernel's buffer: a double backward raises, never drops terms
     def backward(ctx, grad_loss, *unused_grads):
         if ctx.grad_consumed:
             raise RuntimeError(_BACKWARD_TWICE)
@@ -346,7 +350,8 @@ def ppo_loss_from_logits(
             buffer (no extra logits-sized memory at all). The caller's logits are CLOBBERED by the
             forward: do not use them afterwards (an autograd op that saved them raises at
             backward, via the version counter). Ignored under torch.compile (the functional op
-            is used there). Needs a logits tensor with last stride 1, else a copy is made first.
+            is used there). Needs a logits tensor with last stride 1, else a copy is made first;
+            ignored, too, for logits whose elements share memory (an expanded tensor).
         backend: None / "auto" / "triton" / "reference" (see `rlhf_fast._backend`).
         loss_scale: > 0, multiplies the returned loss and the gradient (default 1; the stats are
             not scaled). For gradient accumulation over k micro-batches pass 1 / k and call
@@ -470,7 +475,7 @@ def ppo_loss_from_logits(
     )
     # No gradient wanted (eval, no_grad, frozen logits): the second pass is skipped.
     write_grad = torch.is_grad_enabled() and logits.requires_grad
-    if write_grad and inplace_backward and not torch.compiler.is_compiling():
+    if write_grad and inplace_backward and not torch.compiler.is_compiling() and not overlaps_itself(logits):
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
         loss, logp, ent, stats_vec = _InplaceBackward.apply(x, *args)
     else:

@@ -103,23 +103,32 @@ def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index, with_
     z = logits.to(_compute_dtype(logits))
     z = z if temperature == 1.0 else z / temperature
     V = z.shape[-1]
-    lse = torch.logsumexp(z, dim=-1)
     ignored = labels == ignore_index
+    # Rows that are all -inf (padding, say) or ignored are computed on zeros instead: their
+    # outputs are constants (NaN log-prob, 0 entropy; 0 and 0 when ignored), so they get a zero
+    # gradient, never the 0 * NaN of logsumexp's backward that would poison the whole batch's.
+    dead = (z == -math.inf).all(-1)
+    z = torch.where((dead | ignored).unsqueeze(-1), torch.zeros_like(z), z)
+    lse = torch.logsumexp(z, dim=-1)
     bad = (~ignored) & ((labels < 0) | (labels >= V))
     safe = torch.where(ignored | bad, torch.zeros_like(labels), labels).long()
     picked = torch.gather(z, -1, safe.unsqueeze(-1)).squeeze(-1)
     logp = picked - lse
-    logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
+    logp = torch.where(bad | dead, torch.full_like(logp, float("nan")), logp)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
     if not with_entropy:
         return logp, None
-    # H = -sum p log p; p = 0 where z = -inf contributes 0 (not 0 * -inf = NaN), in the forward
-    # (outer where) and the backward (inner where); an all -inf row has entropy 0.
-    log_p = z - lse.unsqueeze(-1)
-    p = log_p.exp()
-    ent = -torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
-    ent = torch.where(ignored, torch.zeros_like(ent), ent)
+    ent = _entropy_terms(z - lse.unsqueeze(-1))
+    ent = torch.where(ignored | dead, torch.zeros_like(ent), ent)
     return logp, ent
+
+
+def _entropy_terms(log_p):
+    """H = -sum p log p over the last dim. p = 0 where z = -inf contributes 0 (not 0 * -inf = NaN)
+    in the forward (outer where) and the backward (inner where); a NaN p stays NaN (the test is
+    p == 0, not p > 0, which would drop NaN and hide a diverged row behind entropy 0)."""
+    p = log_p.exp()
+    return -torch.where(p == 0, 0.0, p * torch.where(p == 0, 0.0, log_p)).sum(-1)
 
 
 def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, inplace_backward=False):
@@ -138,9 +147,10 @@ def entropy(logits, *, temperature=1.0):
     """Entropy -sum p log p of softmax(logits / temperature) over the last dim. [..., V] -> fp32 [...]."""
     z = logits.to(_compute_dtype(logits))
     z = z if temperature == 1.0 else z / temperature
-    log_p = torch.log_softmax(z, dim=-1)
-    p = log_p.exp()
-    return -torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
+    dead = (z == -math.inf).all(-1)  # an all -inf row: entropy 0 with a zero gradient
+    z = torch.where(dead.unsqueeze(-1), torch.zeros_like(z), z)
+    ent = _entropy_terms(torch.log_softmax(z, dim=-1))
+    return torch.where(dead, torch.zeros_like(ent), ent)
 
 
 def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1.0, ignore_index=-100):
@@ -211,6 +221,8 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
 def _last_counted_index(mask):
     """[B] index of each row's last counted token, -1 for rows with none."""
     T = mask.shape[-1]
+    if T == 0:  # amax over an empty dim raises
+        return torch.full(mask.shape[:-1], -1, dtype=torch.long, device=mask.device)
     pos = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask != 0, pos, -1).amax(-1)
 
@@ -223,6 +235,8 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, kind="k1"):
     kl = kl_penalty(logprobs, ref_logprobs, kind)
     m = mask.to(dt)
     rewards = torch.where(m != 0, -kl_coef * kl * m, 0.0)
+    if rewards.shape[-1] == 0:  # T = 0: no token to put a score on
+        return rewards
     last = _last_counted_index(mask)
     has = last >= 0
     bonus = torch.zeros_like(rewards)
@@ -325,8 +339,10 @@ def check_agg(agg, horizon=None):
         raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
     if horizon is not None and agg != "seq-mean-token-sum-norm":
         raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
-    if horizon is not None and not (isinstance(horizon, (int, float)) and horizon > 0):
-        raise ValueError(f"horizon must be a number > 0, got {horizon!r}")
+    # bool is an int, and an infinite horizon would make the loss silently 0: both rejected.
+    ok = isinstance(horizon, (int, float)) and not isinstance(horizon, bool) and 0 < horizon < math.inf
+    if horizon is not None and not ok:
+        raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
 
 
 def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
@@ -378,7 +394,9 @@ def _ppo_policy_terms(logp, old, adv, mask, clip_eps, clip_eps_high, dual_clip):
 def _policy_stats(ratio, logp, old, clipped_active, dual_active, mask):
     counted = mask != 0
     any_counted = counted.any()
-    ratio_max = torch.where(counted, ratio, float("-inf")).amax()
+    masked_ratio = torch.where(counted, ratio, float("-inf"))
+    # amax of an empty batch raises: its max is -inf (reported as 0 below, as for an empty mask)
+    ratio_max = masked_ratio.amax() if masked_ratio.numel() else masked_ratio.new_full((), float("-inf"))
     stats = {
         "clipfrac": _masked_mean(clipped_active.to(ratio.dtype), mask),
         "approx_kl": _masked_mean(old - logp, mask),

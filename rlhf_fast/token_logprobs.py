@@ -22,8 +22,10 @@ from rlhf_fast._backend import (
     check_float,
     check_int,
     check_same_device,
+    check_same_shape,
     check_tensor,
     checks_enabled,
+    overlaps_itself,
     register_op,
     resolve,
     traced_backward,
@@ -349,7 +351,8 @@ def logprobs(
             [..., V] tensor (default False). ``logits`` is clobbered by the backward, so nothing
             else may need its values afterwards (e.g. a softcap/tanh that saved its output).
             Under torch.compile it has no effect: the gradient gets its own buffer (inductor
-            mis-addresses in-place writes to a padded saved tensor; see ``_grad_logits``).
+            mis-addresses in-place writes to a padded saved tensor; see ``_grad_logits``), nor
+            on logits whose elements share memory (an expanded tensor): a new buffer then.
         backend: None/"auto", "triton" or "reference" (see ``rlhf_fast._backend``).
 
     Returns:
@@ -378,8 +381,10 @@ def logprobs(
         return reference.logprobs(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
+    # Logits whose elements alias (an expanded tensor) cannot take the gradient over themselves.
+    inplace = bool(inplace_backward) and (torch.compiler.is_compiling() or not overlaps_itself(logits))
     logp, ent, _ = torch.ops.rlhf_fast.logprobs_fwd(
-        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
+        logits, labels, temperature, ignore_index, bool(return_entropy), inplace
     )
     if return_entropy:
         return logp, ent
@@ -449,6 +454,8 @@ def sequence_logprobs(
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     _check_labels(logits, labels, ignore_index)
     if mask is not None:
+        check_tensor("mask", mask)
+        check_same_shape("labels", labels, "mask", mask)  # before either path: no silent broadcast
         check_same_device(logits=logits, mask=mask)
     impl = resolve("sequence_logprobs", backend, logits.device)
     if impl == "reference":

@@ -1,6 +1,7 @@
 """Package-level behaviour: exports, backend choice, aggregation, import hygiene, info."""
 
 import inspect
+import math
 import subprocess
 import sys
 
@@ -110,6 +111,9 @@ def test_aggregate_rejects_bad_arguments():
         aggregate(L, m, "mean")
     with pytest.raises(ValueError, match="horizon"):
         aggregate(L, m, "token-mean", horizon=10)
+    for bad in (math.inf, math.nan, True, 0, -3.0, "8"):
+        with pytest.raises(ValueError, match="horizon must be a finite number"):
+            aggregate(L, m, "seq-mean-token-sum-norm", horizon=bad)
     with pytest.raises(ValueError, match="mask shape"):
         aggregate(L, torch.ones(2, 4))
 
@@ -180,3 +184,82 @@ def test_reference_has_the_public_signatures():
     torch.testing.assert_close(losses, rlhf_fast.dpo_loss(pc, pr, loss_type="simpo", backend="reference")[0])
     with pytest.raises(ValueError, match="ref_chosen_logps is required"):
         reference.dpo_loss(pc, pr)
+
+
+def _kernel_double_backward_cases():
+    from conftest import DEVICE
+
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 2, 5, 11
+    x2 = torch.randn(B, T, generator=g).to(DEVICE)
+    logits = torch.randn(B, T, V, generator=g).to(DEVICE)
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    other = (torch.randn(B, T, generator=g) * 0.3).to(DEVICE)
+
+    def from_logits(inplace):
+        def run(x, backend):
+            y = x * 1.0 if inplace else x  # in-place needs a non-leaf whose storage it may reuse
+            loss, _ = rlhf_fast.ppo_loss_from_logits(
+                y, labels, x2 - 2.0, other, mask, backend=backend, inplace_backward=inplace and backend == "triton"
+            )
+            return loss
+
+        return run
+
+    return {
+        "kl_penalty": (x2, lambda x, be: rlhf_fast.kl_penalty(x, other, "k3", backend=be).sum()),
+        "ppo_policy_loss": (x2, lambda x, be: rlhf_fast.ppo_policy_loss(x, x2 + other, other, mask, backend=be)[0]),
+        "ppo_value_loss": (x2, lambda x, be: rlhf_fast.ppo_value_loss(x, x2 + other, other, mask, backend=be)[0]),
+        "ppo_loss_from_logits": (logits, from_logits(False)),
+        "ppo_loss_from_logits_inplace": (logits, from_logits(True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_kernel_double_backward_cases()))
+def test_kernel_gradients_refuse_double_backward(name):
+    """The kernels' gradient is a buffer, not a differentiable expression: with create_graph=True
+    the first-order gradient is still right, and differentiating it again raises instead of
+    silently treating it as a constant (which would drop the second-order terms)."""
+    x0, fn = _kernel_double_backward_cases()[name]
+    x = x0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(x, "triton"), x, create_graph=True)
+    xr = x0.clone().requires_grad_()
+    (want,) = torch.autograd.grad(fn(xr, "reference"), xr)
+    torch.testing.assert_close(grad.detach(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="not differentiable itself"):
+        ((grad**2).sum() + x.sum()).backward()
+    # an ordinary backward is untouched (no graph, the kernel's buffer itself)
+    x = x0.clone().requires_grad_()
+    fn(x, "triton").backward()
+    torch.testing.assert_close(x.grad, want, atol=1e-5, rtol=1e-5)
+
+
+def test_overlaps_itself():
+    x = torch.randn(2, 5, 7)
+    assert not _backend.overlaps_itself(x)
+    assert not _backend.overlaps_itself(x[..., :4]) and not _backend.overlaps_itself(x[:, :-1])
+    assert not _backend.overlaps_itself(x.transpose(0, 1)) and not _backend.overlaps_itself(x[:, ::2])
+    assert not _backend.overlaps_itself(torch.randn(1, 3, 1, 4).expand(1, 3, 1, 4))  # size-1 dims
+    assert _backend.overlaps_itself(torch.randn(7).expand(2, 5, 7))
+    assert _backend.overlaps_itself(x.as_strided((4, 7), (3, 1)))  # rows 3 apart, 7 wide
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["B=0", "T=0"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_batches_give_zero_loss_on_every_path(shape, backend):
+    from conftest import DEVICE
+
+    B, T = shape
+    x = torch.randn(B, T, device=DEVICE, requires_grad=True)
+    z, m = torch.zeros(B, T, device=DEVICE), torch.ones(B, T, device=DEVICE)
+    logits = torch.randn(B, T, 7, device=DEVICE, requires_grad=True)
+    labels = torch.zeros(B, T, dtype=torch.long, device=DEVICE)
+    loss, stats = rlhf_fast.ppo_policy_loss(x, z, z, m, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in stats.values())
+    loss, stats = rlhf_fast.ppo_loss_from_logits(logits, labels, z, z, m, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["logprobs"].shape == (B, T)
+    assert rlhf_fast.ppo_value_loss(x, z, z, m, backend=backend)[0].item() == 0.0
+    assert rlhf_fast.shape_rewards(torch.randn(B, device=DEVICE), z, z, m, kl_coef=0.1, backend=backend).shape == (B, T)

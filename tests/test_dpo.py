@@ -543,9 +543,19 @@ def test_from_logits_reference_free():
     assert_close(loss, exp, 1e-5, 1e-5, "loss")
 
 
-def test_from_logits_validation():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_from_logits_validation(backend):
+    """Every check runs before the backend is chosen: the reference path (CPU's default) must not
+    silently accept what the kernel path rejects (a negative temperature negated the logits)."""
     logits, labels, mask, rc, rr = logits_case(torch.float32, seed=5)
-    f = lambda *a, **k: dpo_loss_from_logits(*a, backend="triton", **k)  # noqa: E731
+    f = lambda *a, **k: dpo_loss_from_logits(*a, backend=backend, **k)  # noqa: E731
+    for temperature in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            f(logits, labels, mask, rc, rr, temperature=temperature)
+    with pytest.raises(TypeError, match="ignore_index"):
+        f(logits, labels, mask, rc, rr, ignore_index=1.5)
+    with pytest.raises(ValueError, match="labels must have dtype"):
+        f(logits, labels.float(), mask, rc, rr)
     with pytest.raises(ValueError, match="even"):
         f(logits[:3], labels[:3], mask[:3], rc, rr)
     with pytest.raises(ValueError, match="even"):

@@ -240,6 +240,20 @@ def test_inplace_backward_same_gradient(with_entropy):
     assert torch.equal(clobbered, grad_ref)
 
 
+def test_inplace_backward_on_expanded_logits_uses_a_new_buffer():
+    """Logits whose rows alias (an expanded [V] row) cannot take the gradient over themselves:
+    inplace_backward then falls back to a new buffer, with the reference's gradient."""
+    V = 301
+    base = make_logits((V,), torch.float32)
+    labels = make_labels((3, 4), V)
+    w = make_logits((3, 4), torch.float32, seed=3, scale=1.0)
+    leaf = base.clone().requires_grad_(True)
+    (logprobs(leaf.expand(3, 4, V), labels, inplace_backward=True, backend=BACKEND) * w).sum().backward()
+    ref_leaf = base.clone().requires_grad_(True)
+    (reference.logprobs(ref_leaf.expand(3, 4, V), labels) * w).sum().backward()
+    assert_close(leaf.grad, ref_leaf.grad, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad labels
 
@@ -526,6 +540,14 @@ def test_sequence_logprobs(dtype, average, mask_kind):
     if mask is not None:
         assert out[1] == 0.0 and (grad[1] == 0).all()
         assert (grad[2, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [BACKEND, "reference"])
+def test_sequence_logprobs_mask_shape_checked_on_every_path(backend):
+    logits = make_logits((2, 3, 50), torch.float32)
+    labels = make_labels((2, 3), 50)
+    with pytest.raises(ValueError, match="mask shape"):
+        sequence_logprobs(logits, labels, torch.ones(3, device=DEVICE), backend=backend)  # no silent broadcast
 
 
 def test_sequence_logprobs_nothing_counts():

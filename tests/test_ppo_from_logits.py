@@ -470,6 +470,26 @@ def test_inplace_backward_same_grad(dtype, scale):
     assert torch.equal(leaf.grad, x.grad)
 
 
+def test_inplace_backward_on_expanded_logits_uses_a_new_buffer():
+    """An expanded (self-overlapping) logits tensor: the in-place path would read rows that an
+    aliased row has already overwritten; it falls back to a new buffer instead."""
+    logits, labels, old, adv, mask, ref = make_inputs(B=2, T=4, seed=9)
+    row = logits[0, 0].clone()
+    got, want = [], []
+    for backend, out in (("triton", got), ("reference", want)):
+        leaf = row.clone().requires_grad_(True)
+        x = leaf.expand(2, 4, V)
+        if backend == "triton":
+            loss, stats = ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                               backend="triton", inplace_backward=True)
+        else:
+            loss, stats = expected_from_pieces(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+        loss.backward()
+        out += [loss.detach(), leaf.grad]
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
 def test_inplace_backward_detects_saved_logits_and_second_backward():
     logits, labels, old, adv, mask, _ = make_inputs(seed=15)
     base = logits.clone().requires_grad_(True)

@@ -458,3 +458,36 @@ def test_fractional_masks_divide_by_their_sums():
     lp = R.logprobs(logits, labels)
     got = R.sequence_logprobs(logits, labels, w, average=True)
     torch.testing.assert_close(got, (lp * w).sum(-1) / 0.3)
+
+
+def test_all_neg_inf_rows_give_zero_gradient_and_nan_stays_nan():
+    """An all -inf logits row (padding) that is ignored or masked out must not poison the batch's
+    gradient with logsumexp's 0 * NaN; a NaN logit must show as NaN entropy, not entropy 0."""
+    V = 7
+    x = torch.randn(2, 3, V)
+    x[0, 1] = -math.inf  # masked out below
+    x[1, 2] = -math.inf  # ignore_index label
+    labels = torch.randint(0, V, (2, 3))
+    labels[1, 2] = -100
+    mask = torch.ones(2, 3)
+    mask[0, 1] = 0
+    for name, fn in {
+        "logprobs+entropy": lambda z: sum(t.sum() for t in R.logprobs(z, labels, return_entropy=True)),
+        "sequence_logprobs": lambda z: R.sequence_logprobs(z, labels, mask).sum(),
+        "ppo_loss_from_logits": lambda z: R.ppo_loss_from_logits(
+            z, labels, torch.full((2, 3), -2.0), torch.ones(2, 3), mask, entropy_coef=0.1
+        )[0],
+        "entropy": lambda z: R.entropy(z[1:, 2:]).sum(),
+    }.items():
+        z = x.clone().requires_grad_(True)
+        out = fn(z)
+        if name != "logprobs+entropy":  # there the masked -inf row's own log-prob is NaN (as the kernel's)
+            assert torch.isfinite(out), name
+        out.backward()
+        assert torch.isfinite(z.grad).all(), name
+        assert (z.grad[1, 2] == 0).all(), name
+    lp, ent = R.logprobs(x, labels, return_entropy=True)
+    assert torch.isnan(lp[0, 1]) and ent[0, 1] == 0  # a counted all -inf row: NaN log-prob, entropy 0
+    nan_row = torch.tensor([[0.0, math.nan, 1.0]])
+    assert torch.isnan(R.entropy(nan_row)).all()
+    assert torch.isnan(R.logprobs(nan_row, torch.tensor([0]), return_entropy=True)[1]).all()
