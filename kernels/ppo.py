@@ -18,8 +18,8 @@ per-row scale s_b that depends on the mask alone (rlhf_fast.aggregation.aggregat
     token-mean  1 / sum m                 seq-mean-token-sum       1 / n_seqs
     seq-mean-token-mean  1 / (sum_t m_bt n_seqs)           seq-mean-token-sum-norm  1 / (n_seqs H)
 (n_seqs = max(#rows with sum_t m_bt > 0, 1); a mask sum of 0 divides by 1 instead, so an empty
-mask or row gives 0, and a fractional mask summing to less than 1 still divides by its sum). So the weights are known before the loss, and the
-forward writes the FINAL gradient w * dL/dx, in the input's dtype:
+mask or row gives 0, and a fractional mask summing to less than 1 still divides by its sum).
+So the weights are known before the loss, and the forward writes the FINAL gradient w * dL/dx, in the input's dtype:
 
   COUNT: reads the mask once -> counts_b = sum_t m_bt; the program that finishes last turns the
      B counts into s_b and sum m (for the stat means);

@@ -15,6 +15,7 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -268,13 +269,12 @@ def kernel_backward(backward):
     """Decorator for an eager autograd.Function backward computed by kernels: runs it without
     building a graph and passes every tensor it returns through refuse_second_order."""
 
+    @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             out = backward(ctx, *grads)
         return tuple(refuse_second_order(g) if isinstance(g, torch.Tensor) else g for g in out)
 
-    wrapper.__name__ = backward.__name__
-    wrapper.__doc__ = backward.__doc__
     return wrapper
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast._backend import as_float_mask, check_same_device, check_tensor, register_op, resolve
-from rlhf_fast.reference import AGG_MODES, check_agg
+from rlhf_fast.reference import AGG_MODES, check_agg, mask_divisor
 
 __all__ = ["AGG_MODES", "aggregate", "aggregation_weights", "check_agg"]
 
@@ -27,14 +27,13 @@ def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=
     check_tensor("mask", mask, ndim=2)
     m = mask.to(torch.float32)
     if agg == "token-mean":
-        total = m.sum()
-        return m / torch.where(total > 0, total, 1.0)  # not clamp_min(1): a fractional mask may sum to < 1
+        return m / mask_divisor(m.sum())
     per_seq = m.sum(dim=-1, keepdim=True)  # [B, 1] counted tokens per sequence
     n_seqs = (per_seq > 0).sum().to(torch.float32).clamp_min(1.0)  # sequences with a counted token
     if agg == "seq-mean-token-sum":
         return m / n_seqs
     if agg == "seq-mean-token-mean":
-        return m / (torch.where(per_seq > 0, per_seq, 1.0) * n_seqs)
+        return m / (mask_divisor(per_seq) * n_seqs)
     divisor = float(mask.shape[-1] if horizon is None else horizon)
     return m / (n_seqs * divisor)
 

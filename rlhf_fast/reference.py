@@ -81,16 +81,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _denominator(total: torch.Tensor) -> torch.Tensor:
+def mask_divisor(total: torch.Tensor) -> torch.Tensor:
     """A mask total as a divisor: itself where > 0, else 1 (nothing counted -> the sum, 0, stays 0).
-    Not clamp_min(1): a fractional mask may weigh less than 1 in all and still divides by its sum."""
+    Not clamp_min(1): a fractional mask may weigh less than 1 in all and still divides by its sum.
+    Shared by the reference and the kernel paths' torch-side weights (aggregation, token_logprobs)."""
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x*m)/sum(m) over counted entries; 0 when nothing counts."""
     m = mask.to(x.dtype)
-    return torch.where(m != 0, x * m, 0.0).sum() / _denominator(m.sum())
+    return torch.where(m != 0, x * m, 0.0).sum() / mask_divisor(m.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1
     m = torch.where(counted, mask.to(logp.dtype) if mask is not None else torch.ones_like(logp), 0.0)
     total = torch.where(counted, logp * m, 0.0).sum(-1)
     if average:
-        return total / _denominator(m.sum(-1))
+        return total / mask_divisor(m.sum(-1))
     return total
 
 
@@ -221,8 +222,6 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
 def _last_counted_index(mask):
     """[B] index of each row's last counted token, -1 for rows with none."""
     T = mask.shape[-1]
-    if T == 0:  # amax over an empty dim raises
-        return torch.full(mask.shape[:-1], -1, dtype=torch.long, device=mask.device)
     pos = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask != 0, pos, -1).amax(-1)
 
@@ -235,7 +234,7 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, kind="k1"):
     kl = kl_penalty(logprobs, ref_logprobs, kind)
     m = mask.to(dt)
     rewards = torch.where(m != 0, -kl_coef * kl * m, 0.0)
-    if rewards.shape[-1] == 0:  # T = 0: no token to put a score on
+    if rewards.shape[-1] == 0:  # T = 0: no token to put a score on (and amax over it raises)
         return rewards
     last = _last_counted_index(mask)
     has = last >= 0
@@ -297,10 +296,10 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     x = x.to(dt)
     m = mask.to(dt)
     n = m.sum()
-    mean = torch.where(m != 0, x * m, 0.0).sum() / _denominator(n)
+    mean = torch.where(m != 0, x * m, 0.0).sum() / mask_divisor(n)
     centered = x - mean
     sq = torch.where(m != 0, centered * centered * m, 0.0).sum()
-    var = sq / _denominator(n - 1)
+    var = sq / mask_divisor(n - 1)
     white = centered * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
@@ -358,7 +357,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     m = mask.to(dt)
     Lm = torch.where(m != 0, loss_mat.to(dt) * m, 0.0)
     if agg == "token-mean":
-        return Lm.sum() / _denominator(m.sum())
+        return Lm.sum() / mask_divisor(m.sum())
     tokens = m.sum(-1)
     nonempty = tokens > 0
     n_seq = nonempty.sum().to(dt).clamp_min(1.0)
@@ -366,7 +365,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     if agg == "seq-mean-token-sum":
         return seq_sum.sum() / n_seq
     if agg == "seq-mean-token-mean":
-        return torch.where(nonempty, seq_sum / _denominator(tokens), 0.0).sum() / n_seq
+        return torch.where(nonempty, seq_sum / mask_divisor(tokens), 0.0).sum() / n_seq
     h = mask.shape[-1] if horizon is None else horizon
     return seq_sum.sum() / n_seq / h
 

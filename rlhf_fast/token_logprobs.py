@@ -30,6 +30,7 @@ from rlhf_fast._backend import (
     resolve,
     traced_backward,
 )
+from rlhf_fast.reference import mask_divisor
 
 __all__ = ["entropy", "logprobs", "sequence_logprobs"]
 
@@ -471,7 +472,6 @@ def sequence_logprobs(
         weight = as_float_mask("mask", mask.detach(), labels) * counted
     if average:
         # As the reference: divide by the counted weight where it is > 0 (an empty row gives 0).
-        total = weight.sum(-1, keepdim=True)
-        weight = weight / torch.where(total > 0, total, 1.0)
+        weight = weight / mask_divisor(weight.sum(-1, keepdim=True))
     token, _ = torch.ops.rlhf_fast.sequence_logprobs_fwd(logits, labels, weight, temperature, ignore_index)
     return token.sum(-1)
