@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast._backend import on_input_device
+
 # Mode numbers of the kernels' LOSS_MODE switch. SimPO runs the sigmoid mode with a margin and no
 # reference terms.
 LOSS_MODES = {
@@ -281,6 +283,7 @@ def _scalars(loss_type, beta, label_smoothing, gamma, discopop_tau):
     return float(beta), float(label_smoothing), margin, float(discopop_tau), log_keep, log_flip
 
 
+@on_input_device
 def dpo_pair_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing, gamma, discopop_tau):
     """Per-pair loss, chosen and rejected rewards ([B] fp32 each) in one launch.
 
@@ -309,6 +312,7 @@ def dpo_pair_forward(pc, pr, rc, rr, *, beta, loss_type, label_smoothing, gamma,
     return loss, chosen_rewards, rejected_rewards
 
 
+@on_input_device
 def dpo_pair_backward(grad_loss, pc, pr, rc, rr, *, beta, loss_type, label_smoothing, gamma, discopop_tau):
     """Gradients of sum(grad_loss * loss) w.r.t. pc, pr, rc, rr in one launch (each in its input's dtype).
 

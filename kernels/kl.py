@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast._backend import kernel_mask
+from rlhf_fast._backend import kernel_mask, on_input_device
 
 from ._terms import KL_CODES, clamp_kl, kl_term, kl_value
 
@@ -151,6 +151,7 @@ def _elem_grid(n: int):
     return (triton.cdiv(n, _ELEM_BLOCK),)
 
 
+@on_input_device
 def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str, clamp: float | None) -> torch.Tensor:
     """KL term per element. logprobs, ref_logprobs: same shape, any float dtypes. Returns fp32, same shape."""
     logp = logprobs.contiguous()
@@ -173,6 +174,7 @@ def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str, cl
     return out
 
 
+@on_input_device
 def kl_backward(
     grad_out: torch.Tensor,
     logprobs: torch.Tensor,
@@ -211,6 +213,7 @@ def kl_backward(
     return grad_logp, grad_ref
 
 
+@on_input_device
 def shape_rewards_forward(
     scores: torch.Tensor,
     logprobs: torch.Tensor,

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast._backend import on_input_device
+
 from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
 
 
@@ -205,6 +207,7 @@ def _check_rows3d(name: str, x: torch.Tensor) -> None:
                          f"{tuple(x.shape)} strides {x.stride()}")
 
 
+@on_input_device
 def logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -259,6 +262,7 @@ def logprobs_forward(
     return logp, ent, lse
 
 
+@on_input_device
 def logprobs_backward(
     logits: torch.Tensor,
     labels: torch.Tensor | None,

@@ -80,7 +80,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rlhf_fast._backend import env_set, kernel_mask, triton_interpreting
+from rlhf_fast._backend import env_set, kernel_mask, on_input_device, triton_interpreting
 
 from ._terms import clamp_nan, ppo_clip_term
 from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
@@ -681,6 +681,7 @@ def _launch_fused(args, constexprs, n_tiles: int, device: torch.device, warps: i
         return True
 
 
+@on_input_device
 def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, horizon, write_grad, loss_scale):
     B, T = x.shape
     dev = x.device

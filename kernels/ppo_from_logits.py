@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast._backend import env_set, load_C
+from rlhf_fast._backend import env_set, load_C, on_input_device
 
 from ._rows import row_config, row_lse_entropy, row_offset, row_online_stats
 from ._terms import KL_CODES, KL_NONE, clamp_kl, kl_term, ppo_clip_term
@@ -367,6 +367,7 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
+@on_input_device
 def ppo_from_logits_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -508,6 +509,7 @@ def ppo_from_logits_fwd(
     return loss, logp.view(B, T), ent.view(B, T), stats
 
 
+@on_input_device
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad [B, T, V] (last stride 1) *= grad_output (0-d tensor), in place, no host sync.
 

@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,63 @@ def check_same_device(**tensors) -> torch.device:
         elif t.device != device:
             raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
     return device
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    """The first tensor among the arguments (looking one level into tuples and lists)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    return item
+    return None
+
+
+def foreign_cuda_index(t: torch.Tensor | None) -> int | None:
+    """The CUDA device index of `t` where it is not the current device, else None (CPU tensors,
+    None, tensors on the current device). Asks CUDA nothing for a CPU tensor."""
+    if t is None:
+        return None
+    index = t.get_device()  # -1 off CUDA; cheaper than t.device
+    if index < 0 or not t.is_cuda or index == torch.cuda.current_device():
+        return None
+    return index
+
+
+_launch_scope = threading.local()
+
+
+def launch_scope_depth() -> int:
+    """How many `on_input_device` launchers this thread is inside (the tests check every Triton
+    launch happens inside one)."""
+    return getattr(_launch_scope, "depth", 0)
+
+
+def on_input_device(launcher):
+    """Decorator for a kernel launcher: runs it with the CUDA device of its first tensor argument
+    as the current device. Triton launches on the *current* device and its current stream, not
+    on the device of the tensors it is given, so a tensor on cuda:1 while cuda:0 is current (a
+    model spread over GPUs with device_map="auto", a second model on another GPU) would be read by
+    a kernel running on the wrong GPU: wrong results or an illegal address. (ATen ops and the
+    extension's CUDA ops guard themselves.) A no-op for CPU tensors and where the device already
+    matches, which is the usual case; the callers have checked that all tensors share a device."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        depth = launch_scope_depth()
+        _launch_scope.depth = depth + 1
+        try:
+            index = foreign_cuda_index(_first_tensor(args, kwargs))
+            if index is None:
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(index):
+                return launcher(*args, **kwargs)
+        finally:
+            _launch_scope.depth = depth
+
+    return wrapper
 
 
 @contextlib.contextmanager

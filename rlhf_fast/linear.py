@@ -284,6 +284,13 @@ def _backward(ctx, grad_logp, grad_ent, _grad_lse):
 _linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast gives F.linear on `device_type` here, or None outside autocast."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -301,7 +308,9 @@ def linear_logprobs(
     Args:
         hidden: [..., H] fp32/bf16/fp16 (the LM's last hidden states).
         weight: [V, H] (the LM head); cast to hidden's dtype for the matmul (its gradient comes
-            back in its own dtype). bias: [V] or None (likewise).
+            back in its own dtype). bias: [V] or None (likewise). Under ``torch.autocast`` all
+            three are cast to the autocast dtype instead, as ``F.linear`` would be, forward and
+            backward alike.
         labels: [...] int64/int32, aligned with hidden (no shift inside); ignore_index -> 0.
         temperature (> 0), ignore_index, return_entropy: as in `rlhf_fast.logprobs`.
         backend: None/"auto" (CUDA -> "triton", CPU -> "reference"), "triton", "reference".
@@ -348,11 +357,16 @@ def linear_logprobs(
 
     lead_shape = hidden.shape[:-1]
     H, V = hidden.shape[-1], weight.shape[0]
-    hidden2d = hidden.reshape(-1, H)
+    # Under torch.autocast the matmuls run in the autocast dtype, as F.linear's would (and as
+    # the reference path's do). The cast happens here, before the custom op, so that its backward
+    # recomputes the very logits the forward normalised (not fp32 ones against a bf16
+    # log-normaliser, with fp32 matmuls) and autograd casts each gradient back to its
+    # argument's dtype.
+    compute_dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
+    hidden2d = hidden.reshape(-1, H).to(compute_dtype)
     labels1d = labels.reshape(-1).contiguous()
-    # Outside the Function, so autograd casts the gradients back to each argument's dtype.
-    weight_c = weight.to(hidden.dtype)
-    bias_c = bias.to(hidden.dtype) if bias is not None else None
+    weight_c = weight.to(compute_dtype)
+    bias_c = bias.to(compute_dtype) if bias is not None else None
     chunk = _chunk_rows(hidden2d.shape[0], V, _chunk_rows_override)
     logp, ent, _ = _linear_logprobs_fwd(
         hidden2d, weight_c, bias_c, labels1d, temperature, ignore_index, return_entropy, chunk

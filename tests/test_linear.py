@@ -188,6 +188,35 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_matches_the_reference_under_autocast(compiled):
+    """fp32 hidden and weight under torch.autocast(bf16): the matmuls run in bf16 forward and
+    backward alike, as F.linear's do in the reference, and the gradients come back fp32. Logits
+    of ~10 make a backward that recomputed fp32 logits against the forward's bf16 normaliser
+    visibly wrong (~7 % of the largest gradient before the fix; ~0.4 % bf16 rounding now)."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 16, 32, 301
+    hidden = torch.randn(N, H, generator=g).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 2).to(DEVICE)
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    w_rows = torch.linspace(1, 2, N, device=DEVICE)
+
+    def loss(h, w, backend):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            logp = rlhf_fast.linear_logprobs(h, w, labels, backend=backend, _chunk_rows_override=5)
+        return logp, (logp * w_rows).sum()
+
+    results = {}
+    for backend in ("triton", "reference"):
+        fn = torch.compile(loss, fullgraph=True) if compiled and backend == "triton" else loss
+        h, w = _leaves(hidden, weight)
+        logp, total = fn(h, w, backend)
+        results[backend] = (logp.detach(), *torch.autograd.grad(total, (h, w)))
+    for got, want in zip(results["triton"], results["reference"]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
 def test_grad_weight_accumulation_falls_back_without_out_dtype_gemm(monkeypatch):
     """The bf16/fp16 grad_weight accumulation tries addmm with out_dtype=float32 (CUDA, recent
     torch); where that overload is missing or refuses an fp32 accumulator (torch <= 2.9, or CPU as
