@@ -107,10 +107,18 @@ def _shape_rewards_kernel(
     out_ptr,
     T,
     kl_coef,
+    kl_coef_ptr,
+    KL_COEF_IN_MEMORY: tl.constexpr,
     KIND: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # Under torch.compile the coefficient comes as a 0-d fp32 tensor (an adaptive KL coefficient
+    # changes every step; a float argument would be a guard); eagerly it is the float argument.
+    if KL_COEF_IN_MEMORY:
+        coef = tl.load(kl_coef_ptr)
+    else:
+        coef = kl_coef
     # int64 columns: offs * stride_t passes 2**31 for a transposed [B, T] view with B * T > 2**31.
     cols = tl.arange(0, BLOCK_T).to(tl.int64)
     mask_row = mask_ptr + row * mask_stride_b
@@ -138,7 +146,7 @@ def _shape_rewards_kernel(
         logp = tl.load(logp_row + offs * logp_stride_t, mask=valid, other=0.0).to(tl.float32)
         ref = tl.load(ref_row + offs * ref_stride_t, mask=valid, other=0.0).to(tl.float32)
         k = kl_value(logp, ref, KIND)
-        r = tl.where(counted, -kl_coef * k * m, 0.0)
+        r = tl.where(counted, -coef * k * m, 0.0)
         r = tl.where(offs == last_idx, r + score, r)
         tl.store(out_row + offs, r, mask=valid)
 
@@ -221,8 +229,10 @@ def shape_rewards_forward(
     mask: torch.Tensor,
     kl_coef: float,
     kind: str,
+    kl_coef_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token rewards [B, T] fp32. scores [B]; logprobs, ref_logprobs, mask [B, T] (any strides)."""
+    """Per-token rewards [B, T] fp32. scores [B]; logprobs, ref_logprobs, mask [B, T] (any strides).
+    kl_coef_t: a 0-d fp32 tensor on the same device, used instead of kl_coef when given."""
     B, T = logprobs.shape
     out = torch.empty((B, T), dtype=torch.float32, device=logprobs.device)
     if B == 0 or T == 0:
@@ -244,6 +254,8 @@ def shape_rewards_forward(
         out,
         T,
         float(kl_coef),
+        kl_coef_t if kl_coef_t is not None else out,  # (never read without KL_COEF_IN_MEMORY)
+        KL_COEF_IN_MEMORY=kl_coef_t is not None,
         KIND=KL_CODES[kind],
         BLOCK_T=block_t,
         num_warps=8 if block_t >= 2048 else 4,

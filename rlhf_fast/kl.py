@@ -13,6 +13,8 @@ autograd.Function calling the same launchers (less dispatch overhead). Reference
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -127,15 +129,22 @@ class _KLPenaltyFunction(torch.autograd.Function):
 
 @torch.library.custom_op("rlhf_fast::shape_rewards", mutates_args=())
 def _shape_rewards_op(
-    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, kind: str
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    kind: str,
+    kl_coef_t: Optional[Tensor] = None,
 ) -> Tensor:
+    """kl_coef_t (0-d fp32, or None): the coefficient as a tensor, used instead of kl_coef."""
     from rlhf_fast.kernels import kl as kl_kernels
 
-    return kl_kernels.shape_rewards_forward(scores, logprobs, ref_logprobs, mask, kl_coef, kind)
+    return kl_kernels.shape_rewards_forward(scores, logprobs, ref_logprobs, mask, kl_coef, kind, kl_coef_t)
 
 
 @_shape_rewards_op.register_fake
-def _(scores, logprobs, ref_logprobs, mask, kl_coef, kind):
+def _(scores, logprobs, ref_logprobs, mask, kl_coef, kind, kl_coef_t=None):
     return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
 
 
@@ -247,6 +256,15 @@ def shape_rewards(
             return fp32_outputs(
                 reference.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kind)
             )
+    if torch.compiler.is_compiling():
+        # kl_coef as a 0-d tensor, not the op's float argument: Dynamo guards on the value of a
+        # custom op's float argument, so an adaptive KL coefficient (a new value every step)
+        # would compile again each step, and fullgraph=True fails after 8.
+        # (A traced multiply: Dynamo keeps a float symbolic there, not as torch.full's fill.)
+        coef_t = torch.ones((), dtype=torch.float32, device=logprobs.device) * kl_coef
+        return _shape_rewards_op(
+            scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), 0.0, canonical, coef_t
+        )
     return _shape_rewards_op(
         scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), float(kl_coef), canonical
     )

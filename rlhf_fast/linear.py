@@ -122,6 +122,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chu
 # torch <= 2.7 has no such overload, 2.8/2.9 reject an fp32 `self` with low-precision matrices.
 # None until a CUDA backward has tried it; then the answer is kept for the process.
 _addmm_out_dtype_works: bool | None = None
+_DEVICE_ERRORS = tuple(e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e is not None)
 
 
 def _accumulate_grad_weight(
@@ -145,8 +146,10 @@ def _accumulate_grad_weight(
         # 50 of 114 ms per step at 8192 x 4096 x 151936 on an H100.
         try:
             torch.addmm(grad_weight, grad_logits_c.t(), hidden_c, beta=beta, out_dtype=torch.float32, out=grad_weight)
-        except (RuntimeError, TypeError):  # argument checks: raised before anything is written
-            if _addmm_out_dtype_works:
+        except (RuntimeError, TypeError) as exc:  # argument checks: raised before anything is written
+            # Out of memory or a CUDA error is not an answer about the overload: raised as
+            # is, without switching the fused GEMM off for the rest of the process.
+            if _addmm_out_dtype_works or isinstance(exc, _DEVICE_ERRORS):
                 raise
             _addmm_out_dtype_works = False
         else:

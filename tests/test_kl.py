@@ -295,11 +295,36 @@ def test_shape_rewards_bf16_strided_and_no_grad():
     _close(out, expected)
 
 
+def test_shape_rewards_adaptive_kl_coef_under_compile_does_not_recompile_per_value():
+    """An adaptive KL controller changes kl_coef every step: under torch.compile(fullgraph=True)
+    that must not compile a graph per value (a custom op's float argument is a guard, and
+    fullgraph fails after 8). 10 values; each result equals the eager kernel's bit for bit."""
+    scores, logp, ref, mask = _reward_case(4, 19, "float", seed=7)
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(kl_coef):
+        return rlhf_fast.shape_rewards(scores, logp, ref, mask, kl_coef=kl_coef, kind="k3", backend="triton")
+
+    for k in range(1, 11):
+        kl_coef = 0.013 * k
+        out = step(kl_coef)
+        eager = rlhf_fast.shape_rewards(scores, logp, ref, mask, kl_coef=kl_coef, kind="k3", backend="triton")
+        assert torch.equal(out, eager)
+        _close(out, reference.shape_rewards(scores, logp, ref, mask, kl_coef=kl_coef, kind="k3"))
+    assert counter.frame_count <= 2  # the first value, then one graph with a symbolic kl_coef
+
+
 def test_shape_rewards_opcheck_and_bad_inputs():
     scores, logp, ref, mask = _reward_case(3, 11, "bool")
     logp, ref = logp.nan_to_num(0.0), ref.nan_to_num(0.0)
     torch.library.opcheck(_shape_rewards_op, (scores, logp, ref, mask, 0.1, "k1"))
     torch.library.opcheck(_shape_rewards_op, (scores, logp, ref, mask.float(), 0.1, "k3"))
+    coef_t = torch.tensor(0.1, device=DEVICE)
+    torch.library.opcheck(_shape_rewards_op, (scores, logp, ref, mask, 0.0, "k3", coef_t))
 
     def call(**kw):
         args = {

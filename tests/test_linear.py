@@ -236,3 +236,18 @@ def test_grad_weight_accumulation_falls_back_without_out_dtype_gemm(monkeypatch)
     monkeypatch.setattr(linear_mod, "_addmm_out_dtype_works", True)
     with pytest.raises((RuntimeError, TypeError)):
         linear_mod._accumulate_grad_weight(acc, *chunks[0], first=False, fused=True)
+
+
+def test_grad_weight_accumulation_does_not_give_up_on_out_of_memory(monkeypatch):
+    """An out-of-memory error from the out_dtype GEMM says nothing about the overload: it is
+    raised, and the fused GEMM stays untried (not switched off for the rest of the process)."""
+    monkeypatch.setattr(linear_mod, "_addmm_out_dtype_works", None)
+
+    def addmm(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    gl, h = torch.randn(5, 7).bfloat16(), torch.randn(5, 3).bfloat16()
+    with pytest.raises(torch.OutOfMemoryError):
+        linear_mod._accumulate_grad_weight(torch.zeros(7, 3), gl, h, first=True, fused=True)
+    assert linear_mod._addmm_out_dtype_works is None
