@@ -25,7 +25,7 @@ def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=
     """
     check_agg(agg, horizon)
     check_tensor("mask", mask, ndim=2)
-    m = mask.to(torch.float32)
+    m = mask.detach().to(torch.float32)  # a mask weighs tokens; it is not differentiated
     if agg == "token-mean":
         return m / mask_divisor(m.sum())
     per_seq = m.sum(dim=-1, keepdim=True)  # [B, 1] counted tokens per sequence

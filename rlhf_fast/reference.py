@@ -88,9 +88,39 @@ def mask_divisor(total: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
+class _ExpZeroSafe(torch.autograd.Function):
+    """exp(x) (expm1(x) with minus_one) whose backward gives 0 wherever the incoming gradient is
+    0 and x is not NaN, even where the result overflowed to inf. A branch that torch.maximum / clamp / where did
+    not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a log-ratio of 99 (fp32
+    exp overflows past ~88.7) on a clipped token, whose true gradient is 0, as the kernels give.
+    Differentiable again (create_graph) like exp."""
+
+    @staticmethod
+    def forward(x, minus_one: bool):
+        return torch.expm1(x) if minus_one else torch.exp(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # (A NaN x keeps its NaN gradient: NaN in, NaN out, as on the kernel paths.)
+        return torch.where((grad == 0) & ~x.isnan(), 0.0, grad * torch.exp(x)), None
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    return _ExpZeroSafe.apply(x, False)
+
+
+def _expm1(x: torch.Tensor) -> torch.Tensor:
+    return _ExpZeroSafe.apply(x, True)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x*m)/sum(m) over counted entries; 0 when nothing counts."""
-    m = mask.to(x.dtype)
+    m = mask.detach().to(x.dtype)
     return torch.where(m != 0, x * m, 0.0).sum() / mask_divisor(m.sum())
 
 
@@ -164,7 +194,7 @@ def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1
     counted = labels != ignore_index
     if mask is not None:
         counted = counted & (mask != 0)
-    m = torch.where(counted, mask.to(logp.dtype) if mask is not None else torch.ones_like(logp), 0.0)
+    m = torch.where(counted, mask.detach().to(logp.dtype) if mask is not None else torch.ones_like(logp), 0.0)
     total = torch.where(counted, logp * m, 0.0).sum(-1)
     if average:
         return total / mask_divisor(m.sum(-1))
@@ -211,7 +241,7 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
     elif kind == "k3":
         # = exp(-d) + d - 1 (verl's form), without its fp32 cancellation for small |d| (12 % off
         # at |d| = 1e-3): the kernels use a Taylor series there, the reference expm1.
-        out = torch.expm1(-diff) + diff
+        out = _expm1(-diff) + diff
     else:
         out = diff.abs()
     if clamp is not None:
@@ -294,7 +324,7 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     counted token gives variance 0), and an empty mask gives mean 0."""
     dt = _compute_dtype(x)
     x = x.to(dt)
-    m = mask.to(dt)
+    m = mask.detach().to(dt)
     n = m.sum()
     mean = torch.where(m != 0, x * m, 0.0).sum() / mask_divisor(n)
     centered = x - mean
@@ -354,7 +384,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     """
     check_agg(agg, horizon)
     dt = _compute_dtype(loss_mat)
-    m = mask.to(dt)
+    m = mask.detach().to(dt)  # a mask weighs tokens; it gets no gradient (nor on the kernel path)
     Lm = torch.where(m != 0, loss_mat.to(dt) * m, 0.0)
     if agg == "token-mean":
         return Lm.sum() / mask_divisor(m.sum())
@@ -377,7 +407,7 @@ def _ppo_policy_terms(logp, old, adv, mask, clip_eps, clip_eps_high, dual_clip):
     and inf * 0 in the backward of exp is NaN even though the token's weight is 0.
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(torch.where(mask != 0, logp - old, 0.0))
+    ratio = _exp(torch.where(mask != 0, logp - old, 0.0))
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
     clipped_active = loss2 > loss1
@@ -498,7 +528,7 @@ def ppo_loss_from_logits(
     """
     logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     counted = (mask != 0) & (labels != ignore_index)
-    m = torch.where(counted, mask.to(logp.dtype), 0.0)
+    m = torch.where(counted, mask.detach().to(logp.dtype), 0.0)
     old = old_logprobs.detach().to(logp.dtype)
     adv = advantages.detach().to(logp.dtype)
     policy_tok, ratio, clipped, dual = _ppo_policy_terms(logp, old, adv, m, clip_eps, clip_eps_high, dual_clip)

@@ -263,3 +263,73 @@ def test_empty_batches_give_zero_loss_on_every_path(shape, backend):
     assert loss.item() == 0.0 and stats["logprobs"].shape == (B, T)
     assert rlhf_fast.ppo_value_loss(x, z, z, m, backend=backend)[0].item() == 0.0
     assert rlhf_fast.shape_rewards(torch.randn(B, device=DEVICE), z, z, m, kl_coef=0.1, backend=backend).shape == (B, T)
+
+
+def _kernel_or_reference():
+    return ["reference"] + (["triton"] if _backend.triton_usable(torch.device(DEVICE).type) else [])
+
+
+MASK_CASES = ("sequence_logprobs", "ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits",
+              "dpo_loss_from_logits", "aggregate")
+
+
+@pytest.mark.parametrize("backend", _kernel_or_reference())
+@pytest.mark.parametrize("name", MASK_CASES)
+def test_a_float_mask_gets_no_gradient_on_any_path(name, backend):
+    """A mask weighs tokens; it is not differentiated, even when it requires grad (a float mask
+    made by a differentiable op). The kernel paths never gave it one; the reference did."""
+    g = torch.Generator().manual_seed(11)
+    B, T, V = 2, 4, 7
+    z = torch.randn(B, T, V, generator=g).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    lp, old, adv = (torch.randn(B, T, generator=g).to(DEVICE) for _ in range(3))
+    lp.requires_grad_()
+    mask = torch.rand(B, T, generator=g).to(DEVICE).requires_grad_()
+    if name == "aggregate" and backend != "reference":
+        pytest.skip("aggregate has the reference path only")
+    be = None if name == "aggregate" else backend
+    calls = {
+        "sequence_logprobs": lambda: rlhf_fast.sequence_logprobs(z, labels, mask, average=True, backend=be).sum(),
+        "ppo_policy_loss": lambda: rlhf_fast.ppo_policy_loss(lp, old, adv, mask, backend=be)[0],
+        "ppo_value_loss": lambda: rlhf_fast.ppo_value_loss(lp, old, adv, mask, backend=be)[0],
+        "ppo_loss_from_logits": lambda: rlhf_fast.ppo_loss_from_logits(z, labels, old, adv, mask, backend=be)[0],
+        "dpo_loss_from_logits": lambda: rlhf_fast.dpo_loss_from_logits(
+            z, labels, mask, old[:1, 0], old[1:, 0], backend=be
+        )[0],
+        "aggregate": lambda: rlhf_fast.aggregate(lp, mask, "seq-mean-token-mean"),
+    }
+    calls[name]().backward()
+    assert mask.grad is None
+    assert (z.grad is not None) or (lp.grad is not None)
+
+
+@pytest.mark.parametrize("backend", _kernel_or_reference())
+def test_an_overflowing_exp_in_an_unpicked_branch_gives_zero_gradient(backend):
+    """A log-ratio of 99.5 overflows fp32 exp to inf. On a clipped token (A > 0, ratio above
+    1 + eps) the loss is the constant clipped term and the true gradient is 0; with a k3 KL past
+    its clamp, likewise. 0 * inf in exp's backward made the reference NaN there; every path
+    gives exactly 0 now, and the other tokens' gradients are untouched."""
+    lp = torch.tensor([[-0.5, -0.1]], device=DEVICE)
+    old = torch.tensor([[-100.0, -0.2]], device=DEVICE)
+    adv = torch.ones(1, 2, device=DEVICE)
+    mask = torch.ones(1, 2, dtype=torch.bool, device=DEVICE)
+    x = lp.clone().requires_grad_()
+    loss, _ = rlhf_fast.ppo_policy_loss(x, old, adv, mask, backend=backend)
+    loss.backward()
+    assert x.grad[0, 0] == 0
+    expected = -math.exp(-0.1 + 0.2) / 2  # unclipped token: -A * ratio / n_tokens
+    assert x.grad[0, 1].item() == pytest.approx(expected, rel=1e-6)
+
+    x = torch.tensor([-100.0, -1.0], device=DEVICE, requires_grad=True)
+    ref = torch.tensor([-5.0, -1.5], device=DEVICE)
+    kl = rlhf_fast.kl_penalty(x, ref, "k3", clamp=10.0, backend=backend)
+    kl.sum().backward()
+    assert kl[0].item() == 10.0 and x.grad[0] == 0
+    assert x.grad[1].item() == pytest.approx(1 - math.exp(-1.5 + 1.0), rel=1e-5)  # d k3 / d logp = 1 - e^(ref-logp)
+
+    z = torch.zeros(1, 2, 4, device=DEVICE, requires_grad=True)  # log-probs -log 4; ratio vs old
+    labels = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
+    loss, _ = rlhf_fast.ppo_loss_from_logits(z, labels, old, adv, mask, backend=backend)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and (z.grad[0, 0] == 0).all()
+    assert (z.grad[0, 1] != 0).any()
