@@ -284,7 +284,9 @@ def ppo_policy_loss(
             gradient accumulation over k micro-batches pass 1 / k and call loss.backward(): the
             gradient is written in the forward already scaled, where (loss / k).backward() costs
             one more pass over it (eager mode; under torch.compile the scale is a traced multiply
-            of the loss, so a new value never recompiles). Range [1e-30, 1e30].
+            of the loss, so a new value never recompiles). Range [1e-30, 1e30]. fp16 with
+            torch.amp.GradScaler: pass loss_scale=scaler.get_scale() and backward
+            scaler.scale(loss / scale), so the fp16 gradient is rounded once, already scaled.
     Returns:
         loss: 0-d fp32, differentiable w.r.t. logprobs only (the gradient comes back in logprobs'
             dtype). old_logprobs and advantages are treated as constants: even if they require

@@ -359,6 +359,9 @@ def ppo_loss_from_logits(
             the [B, T, V] gradient to multiply it by grad_output = 1 / k (the gradient is written
             in the forward, already scaled). Eager mode; under torch.compile the backward makes
             its one traced multiply by grad_output whatever the scale. Range [1e-30, 1e30].
+            fp16 with torch.amp.GradScaler: pass loss_scale=scaler.get_scale() and backward
+            scaler.scale(loss / scale); scaling afterwards (scaler.scale(loss)) multiplies an fp16
+            gradient already rounded at scale 1, whose values below ~6e-5 have lost their digits.
 
     Returns:
         (loss 0-d fp32, stats), stats holding detached tensors (never synced to the host):
