@@ -371,14 +371,15 @@ def ppo_loss_from_logits(
         estimate, 0 without a KL term); "policy_loss" (aggregated P alone); "dual_clipfrac" when
         dual_clip is set. An empty mask gives loss 0 and a zero gradient.
 
-    Backward (kernel path; the reference path is plain autograd): the gradient was computed in the
-    forward; backward multiplies it by grad_output in place (no work when grad_output == 1). Hence a second backward through the same graph
-    (retain_graph=True) is not supported: in eager mode it raises RuntimeError; under
-    torch.compile the guard cannot run (it is Python state, read once at trace time), so a second
-    backward is not detected there (the compiled backward multiplies a functional copy, which
-    gave the right gradient with torch 2.13, but this is not guaranteed) -- recompute the loss
-    instead. Under torch.compile grad_output is folded in by one traced multiply (one pass over
-    the gradient, also when grad_output == 1; see `_backward`).
+    Backward (kernel path; the reference path is plain autograd): the gradient was computed in
+    the forward; backward multiplies it by grad_output in place (no work when grad_output == 1).
+    Hence a second backward through the same graph (retain_graph=True) is not supported: in
+    eager mode it raises RuntimeError; under torch.compile the guard cannot run (it is Python
+    state, read once at trace time), so a second backward is not detected there (the compiled
+    backward multiplies a functional copy, which gave the right gradient with torch 2.13, but
+    this is not guaranteed) -- recompute the loss instead. Under torch.compile grad_output is
+    folded in by one traced multiply (one pass over the gradient, also when grad_output == 1;
+    see `_backward`).
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
     if logits.shape[-1] == 0:
