@@ -444,11 +444,15 @@ class Cases:
         wanted = "+".join(name for name, on in (("d_logp", need_logp), ("d_ref", need_ref)) if on)
         return Case(_label("kl_backward", dtype, f"n={n}", kind, f"clamp={clamp}", wanted), call)
 
-    def shape_rewards(self, dtype, T, mask_dtype, kind) -> Case:
+    def shape_rewards(self, dtype, T, mask_dtype, kind, coef_tensor=False) -> Case:
         x = torch.zeros(3, T, dtype=dtype)
         mask = torch.ones(3, T, dtype=mask_dtype)
-        call = functools.partial(self.kernels["kl"].shape_rewards_forward, torch.zeros(3), x, x, mask, 0.1, kind)
-        return Case(_label("shape_rewards_forward", dtype, f"T={T}", f"mask={mask_dtype}", kind), call)
+        coef = torch.tensor(0.1) if coef_tensor else None  # the torch.compile form of kl_coef
+        call = functools.partial(
+            self.kernels["kl"].shape_rewards_forward, torch.zeros(3), x, x, mask, 0.1, kind, coef
+        )
+        label = _label("shape_rewards_forward", dtype, f"T={T}", f"mask={mask_dtype}", kind)
+        return Case(label + (" coef=tensor" if coef_tensor else ""), call)
 
     # -- DPO -----------------------------------------------------------------------------------------
     def dpo(self, direction, dtype, loss_type, with_ref) -> Case:
@@ -552,6 +556,7 @@ def default_cases(c: Cases, modules) -> list[Case]:
         c.shape_rewards(BF16, 5000, torch.float32, "k2"),
         c.shape_rewards(FP16, 7, torch.bool, "k3"),
         c.shape_rewards(BF16, 5000, torch.bool, "abs"),
+        c.shape_rewards(FP32, 5000, torch.bool, "k3", coef_tensor=True),
     ]
 
     # DPO: every loss type forward and backward, dtypes in turn, with and without reference.
@@ -599,6 +604,7 @@ def full_cases(c: Cases, modules) -> list[Case]:
             for mask_dtype in (torch.bool, torch.float32):
                 for kind in KL_KINDS:
                     cases.append(c.shape_rewards(dtype, T, mask_dtype, kind))
+                    cases.append(c.shape_rewards(dtype, T, mask_dtype, kind, coef_tensor=True))
         for loss_type in modules["dpo"].LOSS_MODES:
             for with_ref in (True, False):
                 for direction in ("forward", "backward"):
