@@ -491,3 +491,32 @@ def test_all_neg_inf_rows_give_zero_gradient_and_nan_stays_nan():
     nan_row = torch.tensor([[0.0, math.nan, 1.0]])
     assert torch.isnan(R.entropy(nan_row)).all()
     assert torch.isnan(R.logprobs(nan_row, torch.tensor([0]), return_entropy=True)[1]).all()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_trl_two_sided_clipping_delta_is_dual_clip(agg):
+    """The README maps TRL GRPOTrainer's `delta` (coef_1 clamped to max=delta before
+    -min(coef_1 A, coef_2 A)) onto dual_clip=delta: the same loss and gradient, written here from
+    TRL's formula, with many tokens past delta at A < 0 (bnpo = token-mean, grpo =
+    seq-mean-token-mean)."""
+    g = torch.Generator().manual_seed(8)
+    B, T = 8, 64
+    lp = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 2).requires_grad_()
+    old = lp.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.6
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T)
+    m = (torch.rand(B, T, generator=g) > 0.2).double()
+    eps_lo, eps_hi, delta = 0.2, 0.28, 1.8
+    coef_1 = torch.exp(lp - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_lo, 1 + eps_hi)
+    per_token = -torch.min(torch.clamp(coef_1, max=delta) * adv, coef_2 * adv)
+    if agg == "token-mean":
+        trl = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    else:
+        trl = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    (trl_grad,) = torch.autograd.grad(trl, lp)
+    assert ((coef_1 > delta) & (adv < 0) & (m > 0)).sum() > 20
+    x = lp.detach().clone().requires_grad_()
+    loss, _ = R.ppo_policy_loss(x, old, adv, m, clip_eps=eps_lo, clip_eps_high=eps_hi, dual_clip=delta, agg=agg)
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss, trl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, trl_grad, rtol=1e-12, atol=1e-12)
