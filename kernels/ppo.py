@@ -80,7 +80,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rlhf_fast._backend import env_set, kernel_mask, on_input_device, triton_interpreting
+from rlhf_fast._backend import env_set, fused_grad_dtype, kernel_mask, on_input_device, triton_interpreting
 
 from ._terms import clamp_nan, ppo_clip_term
 from .ppo_from_logits import scale_grad_ as _scale_rows_in_place_
@@ -371,7 +371,7 @@ def _ppo_fwd_kernel(
     mask_sb,
     mask_st,
     work_ptr,  # int32 work buffer (zeroed per call): counters, counts, row scales, partials
-    grad_ptr,  # [B, T] contiguous, x's dtype: w * dL/dx
+    grad_ptr,  # [B, T] contiguous, fused_grad_dtype(x's dtype): w * dL/dx
     loss_ptr,  # 0-d fp32 out
     stats_ptr,  # [N_SUMS - 1 + HAS_MAX] fp32 out
     B,
@@ -688,7 +688,7 @@ def _forward(loss_kind, x, a, b, mask, clip_low, clip_high, dual_clip, agg, hori
     n_sums, has_max = _N_SUMS[loss_kind], _HAS_MAX[loss_kind]
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty((n_sums - 1 + int(has_max),), dtype=torch.float32, device=dev)
-    grad = torch.empty((B, T) if write_grad else (0,), dtype=x.dtype, device=dev)
+    grad = torch.empty((B, T) if write_grad else (0,), dtype=fused_grad_dtype(x.dtype), device=dev)
     if B == 0 or T == 0:
         loss.zero_()
         stats.zero_()

@@ -280,6 +280,15 @@ def on_input_device(launcher):
     return wrapper
 
 
+def fused_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the [B, T] gradient buffer the fused PPO losses write in the forward for inputs of
+    `dtype`: the input's own, except fp32 for fp16. The buffer holds the gradient for
+    grad_output = 1 and is scaled afterwards; at 1/n_tokens-sized values fp16 would already have
+    rounded it into its subnormals, which torch.amp.GradScaler's scale, applied after, cannot
+    undo. Autograd casts it to fp16 after the scale. (bf16 has fp32's exponent range.)"""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 @contextlib.contextmanager
 def env_set(name: str, value: str):
     """Environment variable `name` = value inside the block, restored (or removed) after: the

@@ -149,7 +149,7 @@ def _accumulate_grad_weight(
         except (RuntimeError, TypeError) as exc:  # argument checks: raised before anything is written
             # Out of memory or a CUDA error is not an answer about the overload: raised as
             # is, without switching the fused GEMM off for the rest of the process.
-            if _addmm_out_dtype_works or isinstance(exc, _DEVICE_ERRORS):
+            if _addmm_out_dtype_works or isinstance(exc, _DEVICE_ERRORS) or str(exc).startswith("CUDA error"):
                 raise
             _addmm_out_dtype_works = False
         else:

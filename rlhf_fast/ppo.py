@@ -36,6 +36,7 @@ from rlhf_fast._backend import (
     check_same_shape,
     check_tensor,
     fp32_outputs,
+    fused_grad_dtype,
     kernel_backward,
     register_op,
     resolve,
@@ -94,8 +95,8 @@ def _ppo_policy_op(
     loss_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
-    grad [B, T] in logprobs' dtype (d loss / d logprobs for grad_output = 1; an empty (0,) tensor
-    without write_grad)). grad is private to this op's autograd: backward scales it in place.
+    grad [B, T] in logprobs' dtype, fp32 for fp16 (d loss / d logprobs for grad_output = 1; an
+    empty (0,) tensor without write_grad)). grad is private to this op's autograd: backward scales it in place.
     loss_scale multiplies the loss and grad, not the stats."""
     return _kernels().ppo_policy_forward(
         logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale
@@ -108,7 +109,7 @@ def _(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, ag
     return (
         logprobs.new_empty((), dtype=f32),
         logprobs.new_empty((len(_POLICY_STATS),), dtype=f32),
-        logprobs.new_empty(logprobs.shape if write_grad else (0,)),
+        logprobs.new_empty(logprobs.shape if write_grad else (0,), dtype=fused_grad_dtype(logprobs.dtype)),
     )
 
 
@@ -124,8 +125,8 @@ def _ppo_value_op(
     write_grad: bool,
     loss_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype or
-    (0,)); grad and loss_scale as in rlhf_fast::ppo_policy_loss."""
+    """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype
+    (fp32 for fp16) or (0,)); grad and loss_scale as in rlhf_fast::ppo_policy_loss."""
     return _kernels().ppo_value_forward(
         values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale
     )
@@ -137,7 +138,7 @@ def _(values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, los
     return (
         values.new_empty((), dtype=f32),
         values.new_empty((len(_VALUE_STATS),), dtype=f32),
-        values.new_empty(values.shape if write_grad else (0,)),
+        values.new_empty(values.shape if write_grad else (0,), dtype=fused_grad_dtype(values.dtype)),
     )
 
 
@@ -284,9 +285,9 @@ def ppo_policy_loss(
             gradient accumulation over k micro-batches pass 1 / k and call loss.backward(): the
             gradient is written in the forward already scaled, where (loss / k).backward() costs
             one more pass over it (eager mode; under torch.compile the scale is a traced multiply
-            of the loss, so a new value never recompiles). Range [1e-30, 1e30]. fp16 with
-            torch.amp.GradScaler: pass loss_scale=scaler.get_scale() and backward
-            scaler.scale(loss / scale), so the fp16 gradient is rounded once, already scaled.
+            of the loss, so a new value never recompiles). Range [1e-30, 1e30]. For fp16
+            inputs the gradient is kept in fp32 until scaled (then cast), so
+            torch.amp.GradScaler's scaler.scale(loss).backward() loses no small gradients.
     Returns:
         loss: 0-d fp32, differentiable w.r.t. logprobs only (the gradient comes back in logprobs'
             dtype). old_logprobs and advantages are treated as constants: even if they require

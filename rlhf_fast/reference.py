@@ -93,7 +93,9 @@ class _ExpZeroSafe(torch.autograd.Function):
     0 and x is not NaN, even where the result overflowed to inf. A branch that torch.maximum / clamp / where did
     not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a log-ratio of 99 (fp32
     exp overflows past ~88.7) on a clipped token, whose true gradient is 0, as the kernels give.
-    Differentiable again (create_graph) like exp."""
+    Differentiable again (create_graph), with the same rule one order up; vmap-able."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, minus_one: bool):
@@ -107,7 +109,7 @@ class _ExpZeroSafe(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         # (A NaN x keeps its NaN gradient: NaN in, NaN out, as on the kernel paths.)
-        return torch.where((grad == 0) & ~x.isnan(), 0.0, grad * torch.exp(x)), None
+        return torch.where((grad == 0) & ~x.isnan(), 0.0, grad * _ExpZeroSafe.apply(x, False)), None
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:

@@ -335,48 +335,60 @@ def test_an_overflowing_exp_in_an_unpicked_branch_gives_zero_gradient(backend):
     assert (z.grad[0, 1] != 0).any()
 
 
-@pytest.mark.parametrize("backend", _kernel_or_reference())
-@pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_loss_from_logits"])
-def test_fp16_gradscaler_recipe_keeps_small_gradients(op, backend):
-    """The README's fp16 recipe: loss_scale=scaler.get_scale(), then scaler.scale(loss / scale)
-    .backward(). fp32 master weights, fp16 activations; per-token gradients ~1e-8 (advantages of
-    1e-3 over a few thousand tokens), deep in fp16's subnormals at scale 1. After unscale_, the
-    master gradient is within fp16 rounding of the float64 truth (scaling afterwards instead
-    loses 3-7 % here on the kernel path, which writes the fp16 gradient in the forward)."""
+_FUSED_LOSSES = ("ppo_policy_loss", "ppo_value_loss", "ppo_loss_from_logits")
+
+
+@pytest.mark.parametrize(
+    ("op", "backend", "compiled"),
+    [(op, be, False) for op in _FUSED_LOSSES for be in _kernel_or_reference()]
+    + [(op, "triton", True) for op in _FUSED_LOSSES[::2] if "triton" in _kernel_or_reference()],
+)
+def test_fp16_gradscaler_keeps_small_gradients(op, backend, compiled):
+    """fp16 activations of fp32 master weights under torch.amp.GradScaler, per-token gradients
+    ~1e-8 (advantages of 1e-3 over a few thousand tokens): deep in fp16's subnormals at scale 1.
+    The [B, T] losses keep their forward-written gradient in fp32 for fp16 inputs, so the usual
+    scaler.scale(loss).backward() works; ppo_loss_from_logits writes an fp16 [B, T, V] gradient
+    and takes the README's recipe (loss_scale=scale, then scaler.scale(loss / scale)). Either
+    way the unscaled master gradient is within fp16 rounding of the float64 truth (an fp16
+    buffer at scale 1 loses 3-7 % here)."""
     g = torch.Generator().manual_seed(5)
-    if op == "ppo_policy_loss":
+    from_logits = op == "ppo_loss_from_logits"
+    if not from_logits:
         B, T = 16, 256
         base = torch.randn(B, T, generator=g) * 0.01 - 2.0
-        old = base + torch.randn(B, T, generator=g) * 0.01
-        adv = torch.randn(B, T, generator=g) * 1e-3
-        mask = torch.ones(B, T, dtype=torch.bool)
-
-        def loss_fn(x, be, **kw):
-            return getattr(rlhf_fast if be else reference, op)(x, old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                                                               **({"backend": be} if be else {}), **kw)[0]
+        a = base + torch.randn(B, T, generator=g) * 0.01  # old log-probs / old values
+        b = torch.randn(B, T, generator=g) * 1e-3  # advantages / returns - values, small
+        if op == "ppo_value_loss":
+            b = base + b
+        args = [t.to(DEVICE) for t in (a, b, torch.ones(B, T, dtype=torch.bool))]
     else:
         B, T, V = 2, 128, 50
         base = torch.randn(B, T, V, generator=g)
         labels = torch.randint(0, V, (B, T), generator=g)
         old = -torch.rand(B, T, generator=g) - 3.0
         adv = torch.randn(B, T, generator=g) * 1e-3
-        mask = torch.ones(B, T, dtype=torch.bool)
+        args = [t.to(DEVICE) for t in (labels, old, adv, torch.ones(B, T, dtype=torch.bool))]
 
-        def loss_fn(x, be, **kw):
-            return getattr(rlhf_fast if be else reference, op)(
-                x, labels.to(DEVICE), old.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                **({"backend": be} if be else {}), **kw)[0]
+    def loss_fn(x, be, **kw):
+        fn = getattr(rlhf_fast, op) if be else getattr(reference, op)
+        return fn(x, *args, **({"backend": be} if be else {}), **kw)[0]
+
     base16 = base.half().to(DEVICE)
     truth_x = base16.double().requires_grad_()
-    loss_fn(truth_x.float() if op == "ppo_loss_from_logits" else truth_x, None).backward()
+    loss_fn(truth_x.float() if from_logits else truth_x, None).backward()
     truth = truth_x.grad.double()
 
     master = torch.nn.Parameter(base16.float())
     opt = torch.optim.SGD([master], lr=0.0)
     scaler = torch.amp.GradScaler(torch.device(DEVICE).type, init_scale=2.0**16)
-    scale = scaler.get_scale()
-    loss = loss_fn(master.half(), backend, loss_scale=scale)
-    scaler.scale(loss / scale).backward()
+    step = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+    if from_logits:
+        scale = scaler.get_scale()
+        loss = step(master.half(), backend, loss_scale=scale)
+        scaler.scale(loss / scale).backward()
+    else:
+        loss = step(master.half(), backend)
+        scaler.scale(loss).backward()
     scaler.unscale_(opt)
     err = ((master.grad.double() - truth).norm() / truth.norm()).item()
     assert err < 2e-3, err

@@ -199,7 +199,7 @@ def test_every_triton_launch_is_inside_on_input_device(monkeypatch):
         monkeypatch.setattr(cls, "run", run)
 
     x = _inputs(DEVICE)
-    for name, case in TRITON_CASES.items():
+    for case in TRITON_CASES.values():
         _run(case, x, "triton")
     assert not outside, f"launched outside on_input_device: {sorted(set(outside))}"
     missing = expected - set(launched)

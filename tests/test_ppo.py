@@ -1017,6 +1017,36 @@ def test_fused_launch_in_a_cuda_graph_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fused_launch_under_reduce_overhead_compile_gpu():
+    """torch.compile(mode="reduce-overhead"): cudagraph trees warm up ONCE, then capture, so the
+    capture sees a kernel whose programs-per-SM count was learned but never launched (it then
+    captures at 1 per SM). Each replay on new inputs equals the eager loss, stats and gradient."""
+    torch._dynamo.reset()
+
+    def step(x, old, adv, mask):
+        loss, stats = rlhf_fast.ppo_policy_loss(x, old, adv, mask, agg="seq-mean-token-mean", backend="triton")
+        return loss, stats["clipfrac"]
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for seed in range(50, 55):
+        logp, old, adv, mask = _policy_case(256, 3000, seed=seed)
+        x = logp.detach().clone().requires_grad_()
+        loss, clipfrac = compiled(x, old, adv, mask)
+        loss.backward()
+        # (clones: the next replay overwrites the graphs' output buffers)
+        loss, clipfrac, grad = loss.detach().clone(), clipfrac.clone(), x.grad.clone()
+        e_loss, e_stats, e_grad = _run_policy(
+            logp, old, adv, mask, torch.tensor(1.0, device=DEVICE), "triton", agg="seq-mean-token-mean"
+        )
+        _close(loss, e_loss)
+        _close(clipfrac, e_stats["clipfrac"])
+        _close(grad, e_grad)
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    assert not ppo_kernels._NO_FUSED
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     ("B", "T", "dtype", "mask_kind", "write_grad"),
     [

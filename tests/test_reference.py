@@ -520,3 +520,28 @@ def test_trl_two_sided_clipping_delta_is_dual_clip(agg):
     (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, trl, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_safe_exp_second_order_and_vmap():
+    """The PPO ratio's and k3's exp give 0 (not 0 * inf = NaN) where an overflowed branch is not
+    picked, one order up too (create_graph), and stay usable under torch.func.vmap."""
+    lp = torch.tensor([[-0.5, -0.1]], requires_grad=True)
+    old = torch.tensor([[-100.0, -0.2]])  # log-ratio 99.5: fp32 exp overflows; the token is clipped
+    adv, m = torch.ones(1, 2), torch.ones(1, 2)
+    loss, _ = R.ppo_policy_loss(lp, old, adv, m)
+    (g,) = torch.autograd.grad(loss, lp, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), lp)
+    assert g[0, 0] == 0 and gg[0, 0] == 0 and torch.isfinite(gg).all()
+    x = torch.tensor([-100.0, -1.0], requires_grad=True)
+    kl = R.kl_penalty(x, torch.tensor([-5.0, -1.5]), "k3", clamp=10.0)
+    (g,) = torch.autograd.grad(kl.sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert g[0] == 0 and gg[0] == 0
+    assert gg[1].item() == pytest.approx(math.exp(-1.5 + 1.0), rel=1e-5)  # d2 k3 / d logp2 = e^(ref-logp)
+    batch = torch.randn(3, 1, 2) - 1.0
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: R.ppo_policy_loss(t, old, adv, m)[0]))(batch)
+    for i in range(3):
+        t = batch[i].clone().requires_grad_()
+        (want,) = torch.autograd.grad(R.ppo_policy_loss(t, old, adv, m)[0], t)
+        torch.testing.assert_close(per_sample[i], want)
+    assert torch.autograd.gradgradcheck(R._expm1, (torch.randn(5, dtype=torch.float64, requires_grad=True),))
