@@ -16,7 +16,9 @@ class PPOLoss(nn.Module):
     steps: the gradient comes out scaled from the forward, with no extra pass in backward).
 
     forward(logits [B, T, V], labels [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
-    ref_logprobs [B, T] | None) -> (loss 0-d fp32, stats dict).
+    ref_logprobs [B, T] | None, *, loss_scale=None) -> (loss 0-d fp32, stats dict); a loss_scale
+    given to forward overrides the module's for that call (a torch.amp.GradScaler's current
+    scale, say: see the README's fp16 recipe).
     """
 
     def __init__(
@@ -54,12 +56,21 @@ class PPOLoss(nn.Module):
             backend=backend,
         )
 
-    def forward(self, logits, labels, old_logprobs, advantages, mask, ref_logprobs: torch.Tensor | None = None):
+    def forward(
+        self,
+        logits,
+        labels,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs: torch.Tensor | None = None,
+        *,
+        loss_scale: float | None = None,
+    ):
         from rlhf_fast.ppo_from_logits import ppo_loss_from_logits
 
-        return ppo_loss_from_logits(
-            logits, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, **self.kwargs
-        )
+        kwargs = self.kwargs if loss_scale is None else {**self.kwargs, "loss_scale": loss_scale}
+        return ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, **kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

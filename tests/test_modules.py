@@ -27,6 +27,15 @@ def test_ppo_loss_module_matches_functional():
     torch.testing.assert_close(x1.grad, x2.grad)
     assert stats1.keys() == stats2.keys()
 
+    # A per-call loss_scale (a GradScaler's current scale) overrides the module's for that call only.
+    module = rlhf_fast.PPOLoss(**kw, backend="reference", loss_scale=0.5)
+    x3 = logits.clone().requires_grad_()
+    loss3, _ = module(x3, labels, old, adv, mask, ref, loss_scale=4.0)
+    loss3.backward()
+    torch.testing.assert_close(loss3, loss2 * 4.0)
+    torch.testing.assert_close(x3.grad, x2.grad * 4.0)
+    torch.testing.assert_close(module(logits, labels, old, adv, mask, ref)[0], loss2 * 0.5)
+
 
 def test_dpo_loss_module_matches_functional():
     torch.manual_seed(0)
