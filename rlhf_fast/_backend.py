@@ -224,15 +224,8 @@ def check_same_device(**tensors) -> torch.device:
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
-    """The first tensor among the arguments (looking one level into tuples and lists)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    return item
-    return None
+    """The first tensor among the arguments."""
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
 
 
 def foreign_cuda_index(t: torch.Tensor | None) -> int | None:

@@ -256,15 +256,14 @@ def shape_rewards(
             return fp32_outputs(
                 reference.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kind)
             )
+    coef_t = None
     if torch.compiler.is_compiling():
         # kl_coef as a 0-d tensor, not the op's float argument: Dynamo guards on the value of a
         # custom op's float argument, so an adaptive KL coefficient (a new value every step)
         # would compile again each step, and fullgraph=True fails after 8.
         # (A traced multiply: Dynamo keeps a float symbolic there, not as torch.full's fill.)
         coef_t = torch.ones((), dtype=torch.float32, device=logprobs.device) * kl_coef
-        return _shape_rewards_op(
-            scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), 0.0, canonical, coef_t
-        )
+        kl_coef = 0.0  # (unused beside coef_t)
     return _shape_rewards_op(
-        scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), float(kl_coef), canonical
+        scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), float(kl_coef), canonical, coef_t
     )

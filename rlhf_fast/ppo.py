@@ -96,8 +96,8 @@ def _ppo_policy_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
     grad [B, T] in logprobs' dtype, fp32 for fp16 (d loss / d logprobs for grad_output = 1; an
-    empty (0,) tensor without write_grad)). grad is private to this op's autograd: backward scales it in place.
-    loss_scale multiplies the loss and grad, not the stats."""
+    empty (0,) tensor without write_grad)). grad is private to this op's autograd: backward
+    scales it in place. loss_scale multiplies the loss and grad, not the stats."""
     return _kernels().ppo_policy_forward(
         logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale
     )

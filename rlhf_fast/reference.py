@@ -90,9 +90,10 @@ def mask_divisor(total: torch.Tensor) -> torch.Tensor:
 
 class _ExpZeroSafe(torch.autograd.Function):
     """exp(x) (expm1(x) with minus_one) whose backward gives 0 wherever the incoming gradient is
-    0 and x is not NaN, even where the result overflowed to inf. A branch that torch.maximum / clamp / where did
-    not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a log-ratio of 99 (fp32
-    exp overflows past ~88.7) on a clipped token, whose true gradient is 0, as the kernels give.
+    0 and x is not NaN, even where the result overflowed to inf. A branch that torch.maximum /
+    clamp / where did not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a
+    log-ratio of 99 (fp32 exp overflows past ~88.7) on a clipped token, whose true gradient is
+    0, as the kernels give.
     Differentiable again (create_graph), with the same rule one order up; vmap-able."""
 
     generate_vmap_rule = True
@@ -530,7 +531,7 @@ def ppo_loss_from_logits(
     """
     logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     counted = (mask != 0) & (labels != ignore_index)
-    m = torch.where(counted, mask.detach().to(logp.dtype), 0.0)
+    m = torch.where(counted, mask.to(logp.dtype), 0.0)  # (aggregate and _masked_mean detach it)
     old = old_logprobs.detach().to(logp.dtype)
     adv = advantages.detach().to(logp.dtype)
     policy_tok, ratio, clipped, dual = _ppo_policy_terms(logp, old, adv, m, clip_eps, clip_eps_high, dual_clip)
