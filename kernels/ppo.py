@@ -755,7 +755,7 @@ def _launch(
         n_row_blocks,
         n_col_tiles,
         n_tiles,
-        float(horizon),
+        float(horizon) if horizon > 0 else float(T),  # 0 stands for T (see rlhf_fast.ppo._horizon)
         float(loss_scale),
         float(clip_low),
         float(clip_high),
@@ -803,7 +803,7 @@ def ppo_policy_forward(
     eps_low / eps_high are the clip widths (ratio bounds 1 - eps_low, 1 + eps_high). grad is
     d loss / d logprobs ([B, T] contiguous, logprobs' dtype) for grad_output = 1, or an empty (0,)
     tensor when write_grad is False. loss_scale multiplies the loss and grad (the aggregation
-    weights), not the stats.
+    weights), not the stats. horizon is the seq-mean-token-sum-norm divisor; 0 stands for T.
     """
     return _forward(
         POLICY,

@@ -97,7 +97,8 @@ def _ppo_policy_op(
     """(loss 0-d fp32, stats [5] fp32 = [clipfrac, approx_kl, ratio_mean, dual_clipfrac, ratio_max],
     grad [B, T] in logprobs' dtype, fp32 for fp16 (d loss / d logprobs for grad_output = 1; an
     empty (0,) tensor without write_grad)). grad is private to this op's autograd: backward
-    scales it in place. loss_scale multiplies the loss and grad, not the stats."""
+    scales it in place. loss_scale multiplies the loss and grad, not the stats. horizon: the
+    seq-mean-token-sum-norm divisor, 0 for T."""
     return _kernels().ppo_policy_forward(
         logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, agg, horizon, write_grad, loss_scale
     )
@@ -126,7 +127,7 @@ def _ppo_value_op(
     loss_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss 0-d fp32, stats [2] fp32 = [vf_clipfrac, vpred_mean], grad [B, T] in values' dtype
-    (fp32 for fp16) or (0,)); grad and loss_scale as in rlhf_fast::ppo_policy_loss."""
+    (fp32 for fp16) or (0,)); grad, loss_scale and horizon as in rlhf_fast::ppo_policy_loss."""
     return _kernels().ppo_value_forward(
         values, old_values, returns, mask, clip_eps, agg, horizon, write_grad, loss_scale
     )
@@ -233,9 +234,12 @@ def _check_inputs(names: tuple[str, str, str], a: Tensor, b: Tensor, c: Tensor, 
     check_same_device(**{names[0]: a, names[1]: b, names[2]: c, "mask": mask})
 
 
-def _horizon(agg: str, horizon, T: int) -> float:
+def _horizon(agg: str, horizon) -> float:
+    """The custom ops' horizon argument: 0.0 stands for T (the default), which the launcher reads
+    from the shape. Passing T itself would make torch.compile guard on its value (a custom op's
+    float argument is a constant of the graph), compiling again for every sequence length."""
     check_agg(agg, horizon)
-    return float(T if horizon is None else horizon)
+    return 0.0 if horizon is None else float(horizon)
 
 
 def _grad_wanted(t: Tensor) -> bool:
@@ -309,7 +313,7 @@ def ppo_policy_loss(
     eps_high = eps_low if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
     dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)
-    h = _horizon(agg, horizon, logprobs.shape[-1])
+    h = _horizon(agg, horizon)
     impl = resolve("ppo_policy_loss", backend, logprobs.device)
     if impl == "reference":
         from rlhf_fast import reference
@@ -387,7 +391,7 @@ def ppo_value_loss(
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
     eps = check_float("clip_eps", clip_eps, low=0.0, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)
-    h = _horizon(agg, horizon, values.shape[-1])
+    h = _horizon(agg, horizon)
     impl = resolve("ppo_value_loss", backend, values.device)
     if eps is None and impl != "reference":
         # Unclipped, through the same kernel: clip(v, v - 0, v + 0) = v makes both terms equal.

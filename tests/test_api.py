@@ -394,3 +394,129 @@ def test_fp16_gradscaler_keeps_small_gradients(op, backend, compiled):
     assert err < 2e-3, err
     scaler.step(opt)
     scaler.update()
+
+
+def _varying_shape_case(name, B, T, g):
+    """(fn(*tensors, backend) -> output, tensors) of op `name` on a [B, T] batch."""
+    V, H = 11, 8
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
+
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(DEVICE)
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    logits, per_token = rand(B, T, V, grad=True), rand(B, T, grad=True)  # the differentiated input
+    rf, SUM_NORM = rlhf_fast, "seq-mean-token-sum-norm"  # short names keep most cases on one line
+    cases = {
+        "logprobs": (lambda x, y, be: rf.logprobs(x, y, return_entropy=True, backend=be), (logits, labels)),
+        "entropy": (lambda x, be: rf.entropy(x, backend=be), (logits,)),
+        "sequence_logprobs": (lambda x, y, m, be: rf.sequence_logprobs(x, y, m, backend=be), (logits, labels, mask)),
+        "linear_logprobs": (
+            lambda h, w, y, be: rf.linear_logprobs(h, w, y, backend=be),
+            (rand(B, T, H, grad=True), rand(V, H, grad=True), labels),
+        ),
+        "kl_penalty": (lambda a, b, be: rf.kl_penalty(a, b, kind="k3", backend=be), (per_token, rand(B, T))),
+        "shape_rewards": (
+            lambda s, a, b, m, be: rf.shape_rewards(s, a, b, m, kl_coef=0.05, backend=be),
+            (rand(B), rand(B, T), rand(B, T), mask),
+        ),
+        "gae": (lambda a, v, m, be: rf.gae(a, v, m, gamma=0.99, lam=0.95, backend=be), (rand(B, T), rand(B, T), mask)),
+        "discounted_returns": (
+            lambda a, m, be: rf.discounted_returns(a, m, gamma=0.99, backend=be),
+            (rand(B, T), mask),
+        ),
+        "masked_whiten": (lambda a, m, be: rf.masked_whiten(a, m, backend=be), (rand(B, T), mask)),
+        "group_advantages": (lambda s, be: rf.group_advantages(s, 2, backend=be), (rand(B),)),
+        "aggregate": (lambda x, m, be: rf.aggregate(x, m, SUM_NORM, backend=be), (per_token, mask)),
+        "ppo_policy_loss": (
+            lambda x, a, b, m, be: rf.ppo_policy_loss(x, a, b, m, dual_clip=3.0, backend=be),
+            (per_token, rand(B, T), rand(B, T), mask),
+        ),
+        "ppo_policy_loss/sum-norm": (
+            lambda x, a, b, m, be: rf.ppo_policy_loss(x, a, b, m, agg=SUM_NORM, backend=be),
+            (per_token, rand(B, T), rand(B, T), mask),
+        ),
+        "ppo_value_loss": (
+            lambda x, a, b, m, be: rf.ppo_value_loss(x, a, b, m, backend=be),
+            (per_token, rand(B, T), rand(B, T), mask),
+        ),
+        "ppo_loss_from_logits": (
+            lambda x, y, a, b, m, ref, be: rf.ppo_loss_from_logits(
+                x, y, a, b, m, ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, agg=SUM_NORM, backend=be
+            ),
+            (logits, labels, -rand(B, T).abs(), rand(B, T), mask, -rand(B, T).abs()),
+        ),
+        "dpo_loss": (
+            lambda a, b, c, d, be: rf.dpo_loss(a, b, c, d, backend=be),
+            (rand(B, grad=True), rand(B), rand(B), rand(B)),
+        ),
+        "dpo_loss_from_logits": (
+            lambda x, y, m, a, b, be: rf.dpo_loss_from_logits(x, y, m, a, b, backend=be),
+            (logits, labels, mask, rand(B // 2), rand(B // 2)),
+        ),
+    }
+    return cases[name]
+
+
+_VARYING_SHAPE_OPS = (
+    "logprobs",
+    "entropy",
+    "sequence_logprobs",
+    "linear_logprobs",
+    "kl_penalty",
+    "shape_rewards",
+    "gae",
+    "discounted_returns",
+    "masked_whiten",
+    "group_advantages",
+    "aggregate",
+    "ppo_policy_loss",
+    "ppo_policy_loss/sum-norm",
+    "ppo_value_loss",
+    "ppo_loss_from_logits",
+    "dpo_loss",
+    "dpo_loss_from_logits",
+)
+
+
+def test_every_functional_op_has_a_changing_shape_case():
+    functional = {name for name in rlhf_fast._EXPORTS if name[0].islower()}
+    assert {name.split("/")[0] for name in _VARYING_SHAPE_OPS} == functional
+
+
+def _flat_tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return [t for o in out for t in _flat_tensors(o)]
+
+
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_changing_batch_shape_under_compile_compiles_at_most_twice(name):
+    """Rollout lengths (and, with dynamic sampling, batch sizes) change every step. After the
+    second shape torch.compile retraces with symbolic sizes; a size that reaches a custom op as a
+    Python number (a float argument is a constant of the graph) would instead compile once per
+    shape, and fullgraph=True fails after 8. Four shapes: at most 2 graphs, every output (stats
+    included) and gradient equal to the reference's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    op = name.split("/")[0]
+    has_triton = "triton" in _backend.available_backends(op) and "triton" in _kernel_or_reference()
+    backend = "triton" if has_triton else None  # None: the C++ kernel where the op has one
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    g = torch.Generator().manual_seed(3)
+    compiled = torch.compile(_varying_shape_case(name, 2, 3, g)[0], fullgraph=True, backend=counter)
+    for B, T in ((2, 5), (4, 9), (6, 13), (8, 17)):
+        fn, args = _varying_shape_case(name, B, T, g)
+        twin = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        got, want = _flat_tensors(compiled(*args, backend)), _flat_tensors(fn(*twin, "reference"))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, check_dtype=False)
+        leaves = [(a, b) for a, b in zip(args, twin) if a.requires_grad]
+        if leaves:
+            for outs, inputs in ((got, [a for a, _ in leaves]), (want, [b for _, b in leaves])):
+                total = sum(o.float().sum() for o in outs if o.requires_grad)
+                total.backward(inputs=inputs)
+            torch.testing.assert_close([a.grad for a, _ in leaves], [b.grad for _, b in leaves], atol=2e-5, rtol=2e-5)
+    assert counter.frame_count <= 2, f"{name}: {counter.frame_count} graphs for 4 shapes"
