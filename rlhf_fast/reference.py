@@ -399,7 +399,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
         return seq_sum.sum() / n_seq
     if agg == "seq-mean-token-mean":
         return torch.where(nonempty, seq_sum / mask_divisor(tokens), 0.0).sum() / n_seq
-    h = mask.shape[-1] if horizon is None else horizon
+    h = max(mask.shape[-1], 1) if horizon is None else horizon  # T = 0: a 0 sum, not 0 / 0
     return seq_sum.sum() / n_seq / h
 
 

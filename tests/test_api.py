@@ -520,3 +520,30 @@ def test_changing_batch_shape_under_compile_compiles_at_most_twice(name):
                 total.backward(inputs=inputs)
             torch.testing.assert_close([a.grad for a, _ in leaves], [b.grad for _, b in leaves], atol=2e-5, rtol=2e-5)
     assert counter.frame_count <= 2, f"{name}: {counter.frame_count} graphs for 4 shapes"
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0, 0)])
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_an_empty_batch_gives_finite_results_equal_on_every_path(name, shape):
+    """B = 0 (dynamic sampling filtered every group) or T = 0: no NaN, no launch error, the
+    kernel path equal to the reference (an empty loss is 0), gradients finite. A DPO batch needs a
+    pair: B = 0 raises, naming the shape."""
+    B, T = shape
+    op = name.split("/")[0]
+    fn, args = _varying_shape_case(name, B, T, torch.Generator().manual_seed(4))
+    if op == "dpo_loss_from_logits" and B == 0:
+        with pytest.raises(ValueError, match="even and > 0"):
+            fn(*args, None)
+        return
+    backends = _kernel_or_reference() if "triton" in _backend.available_backends(op) else [None, "reference"]
+    results = []
+    for backend in backends:
+        inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        outs = _flat_tensors(fn(*inputs, backend))
+        assert all(torch.isfinite(o).all() for o in outs), (backend, outs)
+        leaves = [a for a in inputs if a.requires_grad]
+        if leaves:
+            sum(o.float().sum() for o in outs if o.requires_grad).backward(inputs=leaves)
+            assert all(torch.isfinite(a.grad).all() for a in leaves), backend
+        results.append(outs + [a.grad for a in leaves])
+    torch.testing.assert_close(results[0], results[-1], check_dtype=False)
