@@ -10,10 +10,11 @@ class PPOLoss(nn.Module):
     """PPO / GRPO actor loss straight from logits (`rlhf_fast.ppo_loss_from_logits`).
 
     Hyper-parameters (defaults as the functional op): clip_eps=0.2, clip_eps_high=None (=clip_eps),
-    dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, agg="token-mean", horizon=None,
-    temperature=1.0, ignore_index=-100, inplace_backward=False (the gradient overwrites the
-    logits' storage), backend=None, kl_clamp=None, loss_scale=1.0 (e.g. 1 / gradient accumulation
-    steps: the gradient comes out scaled from the forward, with no extra pass in backward).
+    dual_clip=None, kl_coef=0.0 (nonzero needs ref_logprobs in forward), kl_kind="k3",
+    entropy_coef=0.0, agg="token-mean", horizon=None, temperature=1.0, ignore_index=-100,
+    inplace_backward=False (the gradient overwrites the logits' storage), backend=None,
+    kl_clamp=None, loss_scale=1.0 (e.g. 1 / gradient accumulation steps: the gradient comes out
+    scaled from the forward, with no extra pass in backward).
 
     forward(logits [B, T, V], labels [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
     ref_logprobs [B, T] | None, *, loss_scale=None) -> (loss 0-d fp32, stats dict); a loss_scale

@@ -326,7 +326,7 @@ def ppo_loss_from_logits(
     softmax(x); r = exp(logp - old_logprobs); P = max(-A r, -A clip(r, 1 - clip_eps,
     1 + clip_eps_high)) and, with dual_clip = c (> 1) and A < 0, P = min(P, -c A);
     L = P + kl_coef * kl_penalty(logp, ref_logprobs, kl_kind, clamp=kl_clamp) - entropy_coef * H (the KL term only
-    when ref_logprobs is given and kl_coef != 0); loss = aggregate(L, mask, agg, horizon=horizon).
+    when kl_coef != 0); loss = aggregate(L, mask, agg, horizon=horizon).
 
     Args:
         logits: [B, T, V] fp32 / bf16 / fp16 (last stride 1 avoids a copy; a [:, :-1] slice of a
@@ -337,7 +337,8 @@ def ppo_loss_from_logits(
         temperature: logits are divided by it (> 0). Default 1.
         clip_eps / clip_eps_high: lower / upper clip range (upper defaults to clip_eps).
         dual_clip: c > 1 enables dual-clip for negative advantages. Default None.
-        ref_logprobs: [B, T] float or None, detached. kl_coef: weight of the KL term (default 0).
+        ref_logprobs: [B, T] float or None, detached. kl_coef: weight of the KL term (default 0);
+            nonzero needs ref_logprobs (ValueError without: a forgotten argument, not "no KL").
         kl_kind: k1 | k2 | k3 | abs (aliases kl, mse, low_var_kl), or verl's straight-through
             k1+ | k3+ | abs+ (value of the base estimator, gradient of k2; see kl_penalty).
             Default "k3".
@@ -415,6 +416,7 @@ def ppo_loss_from_logits(
     if dual_clip is not None:
         dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
     kl_coef = check_float("kl_coef", kl_coef)
+    reference.check_kl_term(kl_coef, ref_logprobs)
     kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
     entropy_coef = check_float("entropy_coef", entropy_coef)
     loss_scale = check_loss_scale(loss_scale)

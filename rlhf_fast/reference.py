@@ -377,6 +377,15 @@ def check_agg(agg, horizon=None):
         raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
 
 
+def check_kl_term(kl_coef, ref_logprobs):
+    """A KL weight with nothing to measure the KL against is a forgotten argument, not "no KL"."""
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(
+            f"kl_coef={kl_coef} needs ref_logprobs (the reference policy's [B, T] log-probs); "
+            "pass kl_coef=0.0 for no KL term"
+        )
+
+
 def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     """verl `agg_loss` modes, with the seq-* modes averaging over sequences that have at least one
     counted token; empty mask -> 0.
@@ -519,8 +528,8 @@ def ppo_loss_from_logits(
     inplace_backward=False,
 ):
     """PPO/GRPO actor loss from logits [B, T, V]: per-token log-probs and entropy, the clipped
-    policy term, + kl_coef * kl_penalty(logp, ref, kl_kind, clamp=kl_clamp) when ref_logprobs is given,
-    - entropy_coef * entropy, aggregated (ignore_index tokens count as masked out).
+    policy term, + kl_coef * kl_penalty(logp, ref, kl_kind, clamp=kl_clamp) when kl_coef != 0 (which
+    needs ref_logprobs), - entropy_coef * entropy, aggregated (ignore_index tokens count as masked out).
     inplace_backward is accepted for the public op's signature and changes nothing here (it is a
     memory option of the kernel path: the gradient written into the logits' storage).
 
@@ -529,6 +538,7 @@ def ppo_loss_from_logits(
     policy_loss (aggregated policy term alone). Gradient reaches `logits` only. loss_scale
     multiplies the loss (hence the gradient), not the stats.
     """
+    check_kl_term(kl_coef, ref_logprobs)
     logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     counted = (mask != 0) & (labels != ignore_index)
     m = torch.where(counted, mask.to(logp.dtype), 0.0)  # (aggregate and _masked_mean detach it)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from conftest import DEVICE, TOL
 
-from rlhf_fast import reference
+from rlhf_fast import PPOLoss, reference
 from rlhf_fast.kernels import _terms
 from rlhf_fast.kernels import ppo_from_logits as pfl_kernels
 from rlhf_fast.kernels._rows import row_config
@@ -817,6 +817,24 @@ def test_bad_input_raises():
         ppo_loss_from_logits(logits, labels, old, adv, mask, backend="cuda")
     with pytest.raises(ValueError, match="C\\+\\+"):
         ppo_loss_from_logits(logits, labels, old, adv, mask, backend="cpp")
+
+
+def test_kl_coef_without_ref_logprobs_raises_on_every_path():
+    """kl_coef != 0 with no ref_logprobs used to mean "no KL term", silently: a forgotten argument
+    trained without its penalty. Every path (kernel, reference, PPOLoss) raises; kl_coef=0 with no
+    reference stays the plain clipped loss."""
+    logits, labels, old, adv, mask, _ = make_inputs(B=2, T=3, seed=19)
+    calls = {
+        "triton": lambda **kw: ppo_loss_from_logits(logits, labels, old, adv, mask, backend="triton", **kw),
+        "reference": lambda **kw: ppo_loss_from_logits(logits, labels, old, adv, mask, backend="reference", **kw),
+        "rlhf_fast.reference": lambda **kw: reference.ppo_loss_from_logits(logits, labels, old, adv, mask, **kw),
+        "PPOLoss": lambda **kw: PPOLoss(backend="triton", **kw)(logits, labels, old, adv, mask),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match="kl_coef=0.05 needs ref_logprobs"):
+            call(kl_coef=0.05)
+        loss, stats = call(kl_coef=0.0)
+        assert torch.isfinite(loss) and stats["kl"].item() == 0.0, where
 
 
 # ----------------------------------------------------------------------------------------------
