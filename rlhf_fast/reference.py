@@ -546,7 +546,7 @@ def ppo_loss_from_logits(
     adv = advantages.detach().to(logp.dtype)
     policy_tok, ratio, clipped, dual = _ppo_policy_terms(logp, old, adv, m, clip_eps, clip_eps_high, dual_clip)
     total = policy_tok
-    if ref_logprobs is not None and kl_coef != 0.0:
+    if kl_coef != 0.0:  # (check_kl_term above: ref_logprobs is given)
         ref = ref_logprobs.detach().to(logp.dtype)
         # Same reason as the log-ratio: k3's exp must not see a huge difference at uncounted tokens.
         kl_tok = kl_penalty(torch.where(counted, logp, ref), ref, kl_kind, clamp=kl_clamp)

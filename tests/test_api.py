@@ -471,6 +471,19 @@ def _flat_tensors(out):
     return [t for o in out for t in _flat_tensors(o)]
 
 
+def _kernel_backend(op):
+    """The op's kernel path on this machine: "triton" where it has one that runs here, else None
+    (auto: the C++ kernel where the op has one, the reference otherwise)."""
+    return "triton" if "triton" in _backend.available_backends(op) and "triton" in _kernel_or_reference() else None
+
+
+def _grads_of_sum(outs, inputs):
+    """Gradients w.r.t. inputs of the sum of every differentiable output ([] without inputs)."""
+    if inputs:
+        sum(o.float().sum() for o in outs if o.requires_grad).backward(inputs=inputs)
+    return [a.grad for a in inputs]
+
+
 @pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
 def test_changing_batch_shape_under_compile_compiles_at_most_twice(name):
     """Rollout lengths (and, with dynamic sampling, batch sizes) change every step. After the
@@ -480,9 +493,7 @@ def test_changing_batch_shape_under_compile_compiles_at_most_twice(name):
     included) and gradient equal to the reference's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    op = name.split("/")[0]
-    has_triton = "triton" in _backend.available_backends(op) and "triton" in _kernel_or_reference()
-    backend = "triton" if has_triton else None  # None: the C++ kernel where the op has one
+    backend = _kernel_backend(name.split("/")[0])
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     g = torch.Generator().manual_seed(3)
@@ -492,12 +503,8 @@ def test_changing_batch_shape_under_compile_compiles_at_most_twice(name):
         twin = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
         got, want = _flat_tensors(compiled(*args, backend)), _flat_tensors(fn(*twin, "reference"))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, check_dtype=False)
-        leaves = [(a, b) for a, b in zip(args, twin) if a.requires_grad]
-        if leaves:
-            for outs, inputs in ((got, [a for a, _ in leaves]), (want, [b for _, b in leaves])):
-                total = sum(o.float().sum() for o in outs if o.requires_grad)
-                total.backward(inputs=inputs)
-            torch.testing.assert_close([a.grad for a, _ in leaves], [b.grad for _, b in leaves], atol=2e-5, rtol=2e-5)
+        grads = [_grads_of_sum(o, [a for a in inputs if a.requires_grad]) for o, inputs in ((got, args), (want, twin))]
+        torch.testing.assert_close(grads[0], grads[1], atol=2e-5, rtol=2e-5)
     assert counter.frame_count <= 2, f"{name}: {counter.frame_count} graphs for 4 shapes"
 
 
@@ -514,15 +521,12 @@ def test_an_empty_batch_gives_finite_results_equal_on_every_path(name, shape):
         with pytest.raises(ValueError, match="even and > 0"):
             fn(*args, None)
         return
-    backends = _kernel_or_reference() if "triton" in _backend.available_backends(op) else [None, "reference"]
     results = []
-    for backend in backends:
+    for backend in (_kernel_backend(op), "reference"):
         inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
         outs = _flat_tensors(fn(*inputs, backend))
         assert all(torch.isfinite(o).all() for o in outs), (backend, outs)
-        leaves = [a for a in inputs if a.requires_grad]
-        if leaves:
-            sum(o.float().sum() for o in outs if o.requires_grad).backward(inputs=leaves)
-            assert all(torch.isfinite(a.grad).all() for a in leaves), backend
-        results.append(outs + [a.grad for a in leaves])
-    torch.testing.assert_close(results[0], results[-1], check_dtype=False)
+        grads = _grads_of_sum(outs, [a for a in inputs if a.requires_grad])
+        assert all(torch.isfinite(g).all() for g in grads), backend
+        results.append(outs + grads)
+    torch.testing.assert_close(results[0], results[1], check_dtype=False)
