@@ -113,6 +113,12 @@ def triton_usable(device_type: str) -> bool:
     return device_type == "cpu" and triton_interpreting()
 
 
+def functorch_transforms_active() -> bool:
+    """Whether this call runs inside torch.func.grad / vmap / jacrev / ..., eager or under
+    torch.compile (Dynamo evaluates this while tracing a torch.func transform)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def checks_enabled() -> bool:
     """RLHF_FAST_CHECK=1 turns silent NaN outputs (bad labels) into errors (costs a host sync)."""
     return os.environ.get("RLHF_FAST_CHECK", "0") == "1"
@@ -132,7 +138,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     "auto" never raises. A backend that comes from RLHF_FAST_BACKEND (backend None or "auto")
     and that this op has no kernel for falls back to "auto"; one the op has but the machine
     cannot run (triton on a CPU tensor without the interpreter, a _C that failed to load) still
-    raises, since the setting then asks for something this machine does not do.
+    raises, since the setting then asks for something this machine does not do. Under torch.func
+    transforms the default is the reference and an explicit kernel backend raises.
     """
     info = OPS[op]
     from_env = backend is None or backend == "auto"
@@ -141,6 +148,16 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
     if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
         requested = "auto"
+    if requested != "reference" and functorch_transforms_active():
+        # torch.func cannot transform a torch.library custom op's autograd (nor batch a kernel),
+        # and its own error asks for a setup_context the user cannot add.
+        if from_env:
+            return "reference"
+        raise RuntimeError(
+            f"{op}: backend={requested!r} does not run under torch.func transforms (grad, vmap, jacrev, "
+            "...): the kernels are custom ops, which torch.func cannot differentiate or batch. Use "
+            "backend='reference' (or the default, which picks it there)."
+        )
     dev = device.type
     if requested == "auto":
         if dev == "cuda":

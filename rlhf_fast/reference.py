@@ -271,8 +271,11 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, kind="k1"):
         return rewards
     last = _last_counted_index(mask)
     has = last >= 0
-    bonus = torch.zeros_like(rewards)
-    bonus.scatter_(1, last.clamp_min(0).unsqueeze(1), torch.where(has, scores.to(dt), 0.0).unsqueeze(1))
+    # Out of place: under torch.func.vmap over the scores an in-place scatter into the unbatched
+    # zeros would be refused.
+    bonus = torch.zeros_like(rewards).scatter(
+        1, last.clamp_min(0).unsqueeze(1), torch.where(has, scores.to(dt), 0.0).unsqueeze(1)
+    )
     return rewards + bonus
 
 
@@ -295,13 +298,16 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
     B, T = r.shape
     nextvalue = torch.zeros(B, dtype=dt, device=r.device)
     lastgae = torch.zeros(B, dtype=dt, device=r.device)
-    adv = torch.empty_like(r)
+    # Columns are stacked at the end rather than written into a buffer: under torch.func.vmap over
+    # values or mask alone, an in-place write of a batched column into rewards' buffer is refused.
+    columns = [None] * T
     for t in reversed(range(T)):
         delta = r[:, t] + gamma * nextvalue - v[:, t]
         gae_t = delta + gamma * lam * lastgae
         nextvalue = m[:, t] * v[:, t] + (1 - m[:, t]) * nextvalue
         lastgae = m[:, t] * gae_t + (1 - m[:, t]) * lastgae
-        adv[:, t] = lastgae
+        columns[t] = lastgae
+    adv = torch.stack(columns, dim=1) if T else torch.empty_like(r)
     return adv, adv + v
 
 
@@ -312,11 +318,11 @@ def discounted_returns(rewards, mask, *, gamma=1.0):
     r, m = rewards.to(dt), mask.to(dt)
     B, T = r.shape
     running = torch.zeros(B, dtype=dt, device=r.device)
-    out = torch.empty_like(r)
+    columns = [None] * T  # stacked at the end, as in gae (vmap over the mask alone)
     for t in reversed(range(T)):
         running = m[:, t] * (r[:, t] + gamma * running) + (1 - m[:, t]) * running
-        out[:, t] = running
-    return out
+        columns[t] = running
+    return torch.stack(columns, dim=1) if T else torch.empty_like(r)
 
 
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):

@@ -530,3 +530,63 @@ def test_an_empty_batch_gives_finite_results_equal_on_every_path(name, shape):
         assert all(torch.isfinite(g).all() for g in grads), backend
         results.append(outs + grads)
     torch.testing.assert_close(results[0], results[1], check_dtype=False)
+
+
+def _usable_kernels(op):
+    """The kernel backends that `op` runs with here (an explicit backend that would raise is left out)."""
+    usable = []
+    for name in ("triton", "cpp"):
+        try:
+            if _backend.resolve(op, name, torch.device(DEVICE)) == name:
+                usable.append(name)
+        except (ValueError, RuntimeError):
+            pass
+    return usable
+
+
+def _other_value(t):
+    """A second, different value of input t, for a batch of two under vmap."""
+    return t * 0.5 - 0.1 if t.is_floating_point() else t.flip(-1)
+
+
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_torch_func_grad_and_vmap_run_the_reference_by_default(name, monkeypatch):
+    """torch.func cannot differentiate or batch a custom op (torch's own error asks for a
+    setup_context the user cannot add), so under grad / vmap the default backend, even with
+    RLHF_FAST_BACKEND naming a kernel, picks the reference: per-sample gradients and batched
+    evaluation work on every op and equal plain autograd on the reference, for every input."""
+    op = name.split("/")[0]
+    if "triton" in _usable_kernels(op):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(5))
+    base = [a.detach() for a in args]
+
+    def call(i, x, backend):
+        inputs = list(base)
+        inputs[i] = x
+        return _flat_tensors(fn(*inputs, backend))
+
+    for i in [i for i, a in enumerate(args) if a.requires_grad]:
+        got = torch.func.grad(lambda x: sum(o.float().sum() for o in call(i, x, None) if o.requires_grad))(base[i])
+        x = base[i].clone().requires_grad_(True)
+        (want,) = _grads_of_sum(call(i, x, "reference"), [x])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for i, a in enumerate(base):
+        other = _other_value(a)
+        got = torch.func.vmap(lambda x: call(i, x, None))(torch.stack([a, other]))
+        want = [torch.stack(pair) for pair in zip(call(i, a, "reference"), call(i, other, "reference"))]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"vmap over input {i}: {m}")
+
+
+@pytest.mark.parametrize("name", [n for n in _VARYING_SHAPE_OPS if "/" not in n])
+def test_an_explicit_kernel_backend_under_torch_func_raises_naming_the_way_out(name):
+    """An explicit kernel backend is strict: under torch.func it raises a RuntimeError that says
+    why and names backend='reference', rather than torch's error about setup_context."""
+    kernels = _usable_kernels(name)
+    if not kernels:
+        pytest.skip(f"{name} has no kernel that runs here")
+    fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(6))
+    base = [a.detach() for a in args]
+    for kernel in kernels:
+        with pytest.raises(RuntimeError, match=r"torch\.func transforms .*backend='reference'"):
+            torch.func.vmap(lambda x: _flat_tensors(fn(x, *base[1:], kernel)))(torch.stack([base[0], base[0]]))
