@@ -252,10 +252,9 @@ def shape_rewards(
     if impl == "reference":
         from rlhf_fast import reference
 
-        with torch.no_grad():
-            return fp32_outputs(
-                reference.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kind)
-            )
+        # Detached, not only no_grad: no_grad does not stop forward-mode AD (torch.func.jvp).
+        inputs = (scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach())
+        return fp32_outputs(reference.shape_rewards(*inputs, kl_coef=kl_coef, kind=kind))
     coef_t = None
     if torch.compiler.is_compiling():
         # kl_coef as a 0-d tensor, not the op's float argument: Dynamo guards on the value of a

@@ -94,7 +94,8 @@ class _ExpZeroSafe(torch.autograd.Function):
     clamp / where did not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a
     log-ratio of 99 (fp32 exp overflows past ~88.7) on a clipped token, whose true gradient is
     0, as the kernels give.
-    Differentiable again (create_graph), with the same rule one order up; vmap-able."""
+    Differentiable again (create_graph), with the same rule one order up; vmap-able; forward mode
+    (torch.func.jvp / jacfwd / hessian) with the same rule on the tangent."""
 
     generate_vmap_rule = True
 
@@ -105,6 +106,12 @@ class _ExpZeroSafe(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _minus_one_tangent):
+        (x,) = ctx.saved_tensors
+        return torch.where((x_tangent == 0) & ~x.isnan(), 0.0, x_tangent * _ExpZeroSafe.apply(x, False))
 
     @staticmethod
     def backward(ctx, grad):

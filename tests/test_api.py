@@ -578,6 +578,28 @@ def test_torch_func_grad_and_vmap_run_the_reference_by_default(name, monkeypatch
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"vmap over input {i}: {m}")
 
 
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_torch_func_forward_mode_equals_reverse_mode(name):
+    """jacfwd / jvp (and so hessian = jacfwd(jacrev)) run through every op and give the Jacobian
+    that reverse mode gives, w.r.t. every floating input: the reference's zero-safe exp (the
+    PPO ratio, k3) has a forward-mode rule."""
+    fn, args = _varying_shape_case(name, 2, 3, torch.Generator().manual_seed(7))
+    base = [a.detach() for a in args]
+    for i in [i for i, a in enumerate(base) if a.is_floating_point()]:
+
+        def flat(x):
+            inputs = list(base)
+            inputs[i] = x
+            return torch.cat([o.float().reshape(-1) for o in _flat_tensors(fn(*inputs, None)) if o.is_floating_point()])
+
+        forward, reverse = torch.func.jacfwd(flat)(base[i]), torch.func.jacrev(flat)(base[i])
+        # (dtype unchecked: torch's forward mode gives a 0-d fp32 tensor times a Python float an
+        # fp64 tangent, e.g. the loss times loss_scale.)
+        torch.testing.assert_close(
+            forward, reverse, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"input {i}: {m}"
+        )
+
+
 @pytest.mark.parametrize("name", [n for n in _VARYING_SHAPE_OPS if "/" not in n])
 def test_an_explicit_kernel_backend_under_torch_func_raises_naming_the_way_out(name):
     """An explicit kernel backend is strict: under torch.func it raises a RuntimeError that says

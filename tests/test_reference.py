@@ -524,7 +524,7 @@ def test_trl_two_sided_clipping_delta_is_dual_clip(agg):
 
 def test_zero_safe_exp_second_order_and_vmap():
     """The PPO ratio's and k3's exp give 0 (not 0 * inf = NaN) where an overflowed branch is not
-    picked, one order up too (create_graph), and stay usable under torch.func.vmap."""
+    picked, one order up too (create_graph and forward mode), and stay usable under torch.func.vmap."""
     lp = torch.tensor([[-0.5, -0.1]], requires_grad=True)
     old = torch.tensor([[-100.0, -0.2]])  # log-ratio 99.5: fp32 exp overflows; the token is clipped
     adv, m = torch.ones(1, 2), torch.ones(1, 2)
@@ -532,6 +532,13 @@ def test_zero_safe_exp_second_order_and_vmap():
     (g,) = torch.autograd.grad(loss, lp, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), lp)
     assert g[0, 0] == 0 and gg[0, 0] == 0 and torch.isfinite(gg).all()
+    # Forward over reverse (torch.func.hessian) gives the reverse-over-reverse Hessian, 0 at the overflow.
+    def policy_loss(t):
+        return R.ppo_policy_loss(t, old, adv, m)[0]
+
+    hessian = torch.func.hessian(policy_loss)(lp.detach())
+    torch.testing.assert_close(hessian, torch.autograd.functional.hessian(policy_loss, lp))
+    assert hessian.flatten()[:3].abs().max() == 0
     x = torch.tensor([-100.0, -1.0], requires_grad=True)
     kl = R.kl_penalty(x, torch.tensor([-5.0, -1.5]), "k3", clamp=10.0)
     (g,) = torch.autograd.grad(kl.sum(), x, create_graph=True)
