@@ -113,10 +113,14 @@ def triton_usable(device_type: str) -> bool:
     return device_type == "cpu" and triton_interpreting()
 
 
-def functorch_transforms_active() -> bool:
-    """Whether this call runs inside torch.func.grad / vmap / jacrev / ..., eager or under
-    torch.compile (Dynamo evaluates this while tracing a torch.func transform)."""
-    return torch._C._are_functorch_transforms_active()
+def custom_ops_untransformable() -> bool:
+    """Whether this call runs where a custom op cannot be differentiated or batched: inside
+    torch.func.grad / vmap / jacrev / jvp / ... (eager, or under torch.compile, where Dynamo
+    evaluates this while tracing the transform), or inside a forward-mode AD
+    `torch.autograd.forward_ad.dual_level()`."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def checks_enabled() -> bool:
@@ -139,7 +143,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     and that this op has no kernel for falls back to "auto"; one the op has but the machine
     cannot run (triton on a CPU tensor without the interpreter, a _C that failed to load) still
     raises, since the setting then asks for something this machine does not do. Under torch.func
-    transforms the default is the reference and an explicit kernel backend raises.
+    transforms and forward-mode AD the default is the reference and an explicit kernel backend raises.
     """
     info = OPS[op]
     from_env = backend is None or backend == "auto"
@@ -148,15 +152,15 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
     if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
         requested = "auto"
-    if requested != "reference" and functorch_transforms_active():
+    if requested != "reference" and custom_ops_untransformable():
         # torch.func cannot transform a torch.library custom op's autograd (nor batch a kernel),
         # and its own error asks for a setup_context the user cannot add.
         if from_env:
             return "reference"
         raise RuntimeError(
             f"{op}: backend={requested!r} does not run under torch.func transforms (grad, vmap, jacrev, "
-            "...): the kernels are custom ops, which torch.func cannot differentiate or batch. Use "
-            "backend='reference' (or the default, which picks it there)."
+            "jvp, ...) or forward-mode AD: the kernels are custom ops, which these cannot differentiate "
+            "or batch. Use backend='reference' (or the default, which picks it there)."
         )
     dev = device.type
     if requested == "auto":

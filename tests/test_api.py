@@ -579,10 +579,16 @@ def test_torch_func_grad_and_vmap_run_the_reference_by_default(name, monkeypatch
 
 
 @pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
-def test_torch_func_forward_mode_equals_reverse_mode(name):
-    """jacfwd / jvp (and so hessian = jacfwd(jacrev)) run through every op and give the Jacobian
-    that reverse mode gives, w.r.t. every floating input: the reference's zero-safe exp (the
-    PPO ratio, k3) has a forward-mode rule."""
+def test_forward_mode_equals_reverse_mode(name, monkeypatch):
+    """jacfwd / jvp (and so hessian = jacfwd(jacrev)), and dual tensors in a plain
+    torch.autograd.forward_ad.dual_level(), run through every op (the default picks the
+    reference there, even with RLHF_FAST_BACKEND naming a kernel) and give the Jacobian that
+    reverse mode gives, w.r.t. every floating input: the reference's zero-safe exp (the PPO
+    ratio, k3) has a forward-mode rule."""
+    import torch.autograd.forward_ad as fwAD
+
+    if "triton" in _usable_kernels(name.split("/")[0]):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
     fn, args = _varying_shape_case(name, 2, 3, torch.Generator().manual_seed(7))
     base = [a.detach() for a in args]
     for i in [i for i, a in enumerate(base) if a.is_floating_point()]:
@@ -598,6 +604,12 @@ def test_torch_func_forward_mode_equals_reverse_mode(name):
         torch.testing.assert_close(
             forward, reverse, atol=1e-5, rtol=1e-5, check_dtype=False, msg=lambda m: f"input {i}: {m}"
         )
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(flat(fwAD.make_dual(base[i], torch.ones_like(base[i])))).tangent
+        want = reverse.reshape(reverse.shape[0], -1).sum(-1)
+        if tangent is None:  # no output depends on this input
+            tangent = torch.zeros_like(want)
+        torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-5, check_dtype=False)
 
 
 @pytest.mark.parametrize("name", [n for n in _VARYING_SHAPE_OPS if "/" not in n])
