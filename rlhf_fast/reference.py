@@ -362,6 +362,8 @@ def group_advantages(scores, group_size, *, method="grpo", eps=1e-6):
     if method not in ("grpo", "dr_grpo", "rloo"):
         raise ValueError(f"method={method!r} is not one of ('grpo', 'dr_grpo', 'rloo')")
     dt = _compute_dtype(scores)
+    if scores.numel() == 0:  # (std over no groups warns "degrees of freedom <= 0")
+        return scores.to(dt).reshape(-1)
     s = scores.to(dt).reshape(-1, group_size)
     mean = s.mean(-1, keepdim=True)
     if method == "grpo":
