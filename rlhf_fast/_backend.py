@@ -116,11 +116,19 @@ def triton_usable(device_type: str) -> bool:
 def custom_ops_untransformable() -> bool:
     """Whether this call runs where a custom op cannot be differentiated or batched: inside
     torch.func.grad / vmap / jacrev / jvp / ... (eager, or under torch.compile, where Dynamo
-    evaluates this while tracing the transform), or inside a forward-mode AD
-    `torch.autograd.forward_ad.dual_level()`."""
-    if torch._C._are_functorch_transforms_active():
+    evaluates the check while tracing the transform), or inside a forward-mode AD
+    `torch.autograd.forward_ad.dual_level()`. torch.func.functionalize alone does not count: it
+    passes custom ops through."""
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return True
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace the interpreter stack below)
+        return True
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(layer.key() != TransformType.Functionalize for layer in retrieve_all_functorch_interpreters())
 
 
 def checks_enabled() -> bool:
@@ -145,23 +153,29 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     raises, since the setting then asks for something this machine does not do. Under torch.func
     transforms and forward-mode AD the default is the reference and an explicit kernel backend raises.
     """
-    info = OPS[op]
     from_env = backend is None or backend == "auto"
-    requested = default_backend() if from_env else backend
-    if requested not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
-    if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
-        requested = "auto"
-    if requested != "reference" and custom_ops_untransformable():
+    impl = _pick(op, backend, device, from_env)
+    if impl != "reference" and custom_ops_untransformable():
         # torch.func cannot transform a torch.library custom op's autograd (nor batch a kernel),
         # and its own error asks for a setup_context the user cannot add.
         if from_env:
             return "reference"
         raise RuntimeError(
-            f"{op}: backend={requested!r} does not run under torch.func transforms (grad, vmap, jacrev, "
+            f"{op}: backend={impl!r} does not run under torch.func transforms (grad, vmap, jacrev, "
             "jvp, ...) or forward-mode AD: the kernels are custom ops, which these cannot differentiate "
             "or batch. Use backend='reference' (or the default, which picks it there)."
         )
+    return impl
+
+
+def _pick(op: str, backend: str | None, device: torch.device, from_env: bool) -> str:
+    """resolve() without the torch.func rule."""
+    info = OPS[op]
+    requested = default_backend() if from_env else backend
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
+    if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
+        requested = "auto"
     dev = device.type
     if requested == "auto":
         if dev == "cuda":

@@ -94,8 +94,8 @@ class _ExpZeroSafe(torch.autograd.Function):
     clamp / where did not pick gets a 0 gradient, and 0 * inf would make it NaN: e.g. a
     log-ratio of 99 (fp32 exp overflows past ~88.7) on a clipped token, whose true gradient is
     0, as the kernels give.
-    Differentiable again (create_graph), with the same rule one order up; vmap-able; forward mode
-    (torch.func.jvp / jacfwd / hessian) with the same rule on the tangent."""
+    Differentiable again (create_graph), with the same rule one order up; vmap-able. Forward
+    mode: `_ExpZeroSafeForwardMode`."""
 
     generate_vmap_rule = True
 
@@ -106,26 +106,45 @@ class _ExpZeroSafe(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx, x_tangent, _minus_one_tangent):
-        (x,) = ctx.saved_tensors
-        return torch.where((x_tangent == 0) & ~x.isnan(), 0.0, x_tangent * _ExpZeroSafe.apply(x, False))
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         # (A NaN x keeps its NaN gradient: NaN in, NaN out, as on the kernel paths.)
-        return torch.where((grad == 0) & ~x.isnan(), 0.0, grad * _ExpZeroSafe.apply(x, False)), None
+        return torch.where((grad == 0) & ~x.isnan(), 0.0, grad * _exp(x)), None
+
+
+class _ExpZeroSafeForwardMode(_ExpZeroSafe):
+    """_ExpZeroSafe plus a forward-mode rule (the same zero rule on the tangent), for
+    torch.func.jvp / jacfwd / hessian and forward_ad dual tensors. A class of its own because
+    Dynamo refuses to trace an autograd.Function that defines jvp: torch.compile gets the other."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _minus_one_tangent):
+        (x,) = ctx.saved_tensors
+        return torch.where((x_tangent == 0) & ~x.isnan(), 0.0, x_tangent * _exp(x))
+
+
+def _forward_mode_may_run() -> bool:
+    """Whether a tangent may reach this call: inside a torch.func transform or a forward_ad
+    dual_level(), in eager mode (never while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    active = torch._C._are_functorch_transforms_active()
+    return active or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
-    return _ExpZeroSafe.apply(x, False)
+    return (_ExpZeroSafeForwardMode if _forward_mode_may_run() else _ExpZeroSafe).apply(x, False)
 
 
 def _expm1(x: torch.Tensor) -> torch.Tensor:
-    return _ExpZeroSafe.apply(x, True)
+    return (_ExpZeroSafeForwardMode if _forward_mode_may_run() else _ExpZeroSafe).apply(x, True)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -618,12 +618,78 @@ def test_forward_mode_equals_reverse_mode(name, monkeypatch):
 @pytest.mark.parametrize("name", [n for n in _VARYING_SHAPE_OPS if "/" not in n])
 def test_an_explicit_kernel_backend_under_torch_func_raises_naming_the_way_out(name):
     """An explicit kernel backend is strict: under torch.func it raises a RuntimeError that says
-    why and names backend='reference', rather than torch's error about setup_context."""
-    kernels = _usable_kernels(name)
-    if not kernels:
-        pytest.skip(f"{name} has no kernel that runs here")
+    why and names backend='reference', rather than torch's error about setup_context. A kernel
+    the op does not have at all is reported as that first."""
     fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(6))
     base = [a.detach() for a in args]
-    for kernel in kernels:
-        with pytest.raises(RuntimeError, match=r"torch\.func transforms .*backend='reference'"):
-            torch.func.vmap(lambda x: _flat_tensors(fn(x, *base[1:], kernel)))(torch.stack([base[0], base[0]]))
+
+    def batched(kernel):
+        return torch.func.vmap(lambda x: _flat_tensors(fn(x, *base[1:], kernel)))(torch.stack([base[0], base[0]]))
+
+    for kernel in ("triton", "cpp"):
+        if kernel in _usable_kernels(name):
+            with pytest.raises(RuntimeError, match=r"torch\.func transforms .*backend='reference'"):
+                batched(kernel)
+        elif kernel not in _backend.available_backends(name):
+            with pytest.raises(ValueError, match="has no"):
+                batched(kernel)
+
+
+def test_only_the_transforms_that_cannot_take_a_custom_op_turn_the_kernels_off():
+    """grad, vmap, jvp and forward_ad dual levels cannot transform a custom op; functionalize
+    passes it through (make_fx(functionalize(f)) keeps the kernel), and plain code is not a
+    transform."""
+    seen = {}
+
+    def record(name):
+        def f(x):
+            seen[name] = _backend.custom_ops_untransformable()
+            return x.sum()
+
+        return f
+
+    x = torch.ones(3)
+    record("plain")(x)
+    torch.func.functionalize(record("functionalize"))(x)
+    torch.func.grad(record("grad"))(x)
+    torch.func.vmap(record("vmap"))(x)
+    torch.func.jvp(record("jvp"), (x,), (x,))
+    torch.func.functionalize(torch.func.vmap(record("vmap(functionalize)")))(x)
+    with torch.autograd.forward_ad.dual_level():
+        record("dual_level")(x)
+    compiled = {}
+
+    def in_compile(x):
+        compiled["plain"] = _backend.custom_ops_untransformable()
+        return x.sum()
+
+    torch.compile(in_compile, backend="eager", fullgraph=True)(x)
+    assert seen == {"plain": False, "functionalize": False, "grad": True, "vmap": True, "jvp": True,
+                    "vmap(functionalize)": True, "dual_level": True}
+    assert compiled == {"plain": False}
+
+
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_the_reference_path_and_torch_func_grad_compile_with_fullgraph(name):
+    """backend='reference' traces under torch.compile(fullgraph=True) (an autograd.Function with
+    a jvp would not: Dynamo refuses it, so the forward-mode rule lives in its own class, used
+    outside torch.compile), and so does torch.func.grad over the default backend."""
+    fn, args = _varying_shape_case(name, 4, 5, torch.Generator().manual_seed(8))
+    torch._dynamo.reset()
+    twin = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    got = _flat_tensors(torch.compile(fn, backend="aot_eager", fullgraph=True)(*args, "reference"))
+    want = _flat_tensors(fn(*twin, "reference"))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    grads = [_grads_of_sum(o, [a for a in inputs if a.requires_grad]) for o, inputs in ((got, args), (want, twin))]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    base = [a.detach() for a in args]
+    for i in [i for i, a in enumerate(args) if a.requires_grad]:
+
+        def summed(x):
+            inputs = list(base)
+            inputs[i] = x
+            return sum(o.float().sum() for o in _flat_tensors(fn(*inputs, None)) if o.requires_grad)
+
+        torch._dynamo.reset()
+        got = torch.compile(torch.func.grad(summed), backend="aot_eager", fullgraph=True)(base[i])
+        torch.testing.assert_close(got, torch.func.grad(summed)(base[i]), atol=1e-6, rtol=1e-6)
