@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast._backend import custom_ops_untransformable
+
 __all__ = [
     "logprobs",
     "entropy",
@@ -130,21 +132,21 @@ class _ExpZeroSafeForwardMode(_ExpZeroSafe):
         return torch.where((x_tangent == 0) & ~x.isnan(), 0.0, x_tangent * _exp(x))
 
 
-def _forward_mode_may_run() -> bool:
-    """Whether a tangent may reach this call: inside a torch.func transform or a forward_ad
-    dual_level(), in eager mode (never while torch.compile traces)."""
-    if torch.compiler.is_compiling():
-        return False
-    active = torch._C._are_functorch_transforms_active()
-    return active or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+def _zero_safe_exp() -> type[_ExpZeroSafe]:
+    """The class to apply: the one with the forward-mode rule where a tangent may reach it (in
+    eager mode, inside a torch.func transform or a forward_ad dual_level(): the same test as the
+    backend choice's), the plain one otherwise and always while torch.compile traces."""
+    if torch.compiler.is_compiling() or not custom_ops_untransformable():
+        return _ExpZeroSafe
+    return _ExpZeroSafeForwardMode
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
-    return (_ExpZeroSafeForwardMode if _forward_mode_may_run() else _ExpZeroSafe).apply(x, False)
+    return _zero_safe_exp().apply(x, False)
 
 
 def _expm1(x: torch.Tensor) -> torch.Tensor:
-    return (_ExpZeroSafeForwardMode if _forward_mode_may_run() else _ExpZeroSafe).apply(x, True)
+    return _zero_safe_exp().apply(x, True)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -552,22 +552,31 @@ def _other_value(t):
     return t * 0.5 - 0.1 if t.is_floating_point() else t.flip(-1)
 
 
+def _outputs_with(fn, base, i, x, backend):
+    """The flat outputs of a case's fn on the inputs `base`, input i replaced by x."""
+    inputs = list(base)
+    inputs[i] = x
+    return _flat_tensors(fn(*inputs, backend))
+
+
+def _prefer_triton(monkeypatch, op):
+    """RLHF_FAST_BACKEND=triton where op's Triton kernel runs here: the default would pick it."""
+    if "triton" in _usable_kernels(op):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+
+
 @pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
 def test_torch_func_grad_and_vmap_run_the_reference_by_default(name, monkeypatch):
     """torch.func cannot differentiate or batch a custom op (torch's own error asks for a
     setup_context the user cannot add), so under grad / vmap the default backend, even with
     RLHF_FAST_BACKEND naming a kernel, picks the reference: per-sample gradients and batched
     evaluation work on every op and equal plain autograd on the reference, for every input."""
-    op = name.split("/")[0]
-    if "triton" in _usable_kernels(op):
-        monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    _prefer_triton(monkeypatch, name.split("/")[0])
     fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(5))
     base = [a.detach() for a in args]
 
     def call(i, x, backend):
-        inputs = list(base)
-        inputs[i] = x
-        return _flat_tensors(fn(*inputs, backend))
+        return _outputs_with(fn, base, i, x, backend)
 
     for i in [i for i, a in enumerate(args) if a.requires_grad]:
         got = torch.func.grad(lambda x: sum(o.float().sum() for o in call(i, x, None) if o.requires_grad))(base[i])
@@ -590,16 +599,14 @@ def test_forward_mode_equals_reverse_mode(name, monkeypatch):
     ratio, k3) has a forward-mode rule."""
     import torch.autograd.forward_ad as fwAD
 
-    if "triton" in _usable_kernels(name.split("/")[0]):
-        monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    _prefer_triton(monkeypatch, name.split("/")[0])
     fn, args = _varying_shape_case(name, 2, 3, torch.Generator().manual_seed(7))
     base = [a.detach() for a in args]
     for i in [i for i, a in enumerate(base) if a.is_floating_point()]:
 
         def flat(x):
-            inputs = list(base)
-            inputs[i] = x
-            return torch.cat([o.float().reshape(-1) for o in _flat_tensors(fn(*inputs, None)) if o.is_floating_point()])
+            outs = _outputs_with(fn, base, i, x, None)
+            return torch.cat([o.float().reshape(-1) for o in outs if o.is_floating_point()])
 
         forward, reverse = torch.func.jacfwd(flat)(base[i]), torch.func.jacrev(flat)(base[i])
         # (dtype unchecked: torch's forward mode gives a 0-d fp32 tensor times a Python float an
@@ -686,9 +693,7 @@ def test_the_reference_path_and_torch_func_grad_compile_with_fullgraph(name):
     for i in [i for i, a in enumerate(args) if a.requires_grad]:
 
         def summed(x):
-            inputs = list(base)
-            inputs[i] = x
-            return sum(o.float().sum() for o in _flat_tensors(fn(*inputs, None)) if o.requires_grad)
+            return sum(o.float().sum() for o in _outputs_with(fn, base, i, x, None) if o.requires_grad)
 
         torch._dynamo.reset()
         got = torch.compile(torch.func.grad(summed), backend="aot_eager", fullgraph=True)(base[i])
