@@ -94,7 +94,9 @@ def extension_modules() -> tuple[list, dict]:
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
-        print(f"rlhf_fast: building rlhf_fast._C with CUDA (archs {arch_list})", file=sys.stderr)
+        # The toolkit is torch's guess (CUDA_HOME, else nvcc on PATH, else /usr/local/cuda): say which,
+        # since a wrapper nvcc outside the toolkit (e.g. /usr/local/bin/nvcc) only fails at the link.
+        print(f"rlhf_fast: building rlhf_fast._C with CUDA (archs {arch_list}, toolkit {CUDA_HOME})", file=sys.stderr)
     else:
         why = "RLHF_FAST_SKIP_CUDA=1" if skip_cuda else "no CUDA toolkit or CPU-only torch"
         ext = CppExtension(
