@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -131,6 +132,16 @@ def custom_ops_untransformable() -> bool:
     return any(layer.key() != TransformType.Functionalize for layer in retrieve_all_functorch_interpreters())
 
 
+def holds_dtensor(tensors) -> bool:
+    """Whether any of `tensors` is a DTensor (torch.distributed.tensor, e.g. tensor-parallel logits
+    under loss_parallel). The kernels are custom ops with no sharding rule. DTensors exist only
+    once their module is imported, so the module (0.8 s to import) is looked up, never imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    return any(isinstance(t, module.DTensor) for t in tensors)
+
+
 def checks_enabled() -> bool:
     """RLHF_FAST_CHECK=1 turns silent NaN outputs (bad labels) into errors (costs a host sync)."""
     return os.environ.get("RLHF_FAST_CHECK", "0") == "1"
@@ -143,19 +154,23 @@ def default_backend() -> str:
     return value
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
+def resolve(op: str, backend: str | None, device: torch.device, *inputs: torch.Tensor | None) -> str:
     """Pick the implementation for `op` on `device`: returns "triton", "cpp" or "reference".
+    `inputs`: the op's tensor arguments (None allowed), looked at for DTensors only.
 
     An explicit backend that the op or the machine does not have raises, naming both;
     "auto" never raises. A backend that comes from RLHF_FAST_BACKEND (backend None or "auto")
     and that this op has no kernel for falls back to "auto"; one the op has but the machine
     cannot run (triton on a CPU tensor without the interpreter, a _C that failed to load) still
     raises, since the setting then asks for something this machine does not do. Under torch.func
-    transforms and forward-mode AD the default is the reference and an explicit kernel backend raises.
+    transforms and forward-mode AD, and for DTensor inputs, the default is the reference and an
+    explicit kernel backend raises.
     """
     from_env = backend is None or backend == "auto"
     impl = _pick(op, backend, device, from_env)
-    if impl != "reference" and custom_ops_untransformable():
+    if impl == "reference":
+        return impl
+    if custom_ops_untransformable():
         # torch.func cannot transform a torch.library custom op's autograd (nor batch a kernel),
         # and its own error asks for a setup_context the user cannot add.
         if from_env:
@@ -164,6 +179,15 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
             f"{op}: backend={impl!r} does not run under torch.func transforms (grad, vmap, jacrev, "
             "jvp, ...) or forward-mode AD: the kernels are custom ops, which these cannot differentiate "
             "or batch. Use backend='reference' (or the default, which picks it there)."
+        )
+    if holds_dtensor(inputs):
+        # DTensor would raise "does not have a sharding strategy registered" for the custom op; the
+        # reference is plain torch ops, which DTensor shards (or redistributes) itself.
+        if from_env:
+            return "reference"
+        raise RuntimeError(
+            f"{op}: backend={impl!r} does not take DTensor inputs: the kernels are custom ops with no "
+            "sharding rule. Use backend='reference' (or the default, which picks it there)."
         )
     return impl
 

@@ -137,7 +137,7 @@ def gae(
     _check_scan_inputs(rewards, values, mask)
     gamma = check_float("gamma", gamma, low=0.0, high=1.0)
     lam = check_float("lam", lam, low=0.0, high=1.0)
-    impl = resolve("gae", backend, rewards.device)
+    impl = resolve("gae", backend, rewards.device, rewards, values, mask)
     if impl == "cpp":
         return torch.ops.rlhf_fast.gae(rewards.detach(), values.detach(), mask.detach(), gamma, lam)
     advantages, returns = reference.gae(rewards.detach(), values.detach(), mask.detach(), gamma=gamma, lam=lam)
@@ -170,7 +170,7 @@ def discounted_returns(
     """
     _check_scan_inputs(rewards, None, mask)
     gamma = check_float("gamma", gamma, low=0.0, high=1.0)
-    impl = resolve("discounted_returns", backend, rewards.device)
+    impl = resolve("discounted_returns", backend, rewards.device, rewards, mask)
     if impl == "cpp":
         return torch.ops.rlhf_fast.discounted_returns(rewards.detach(), mask.detach(), gamma)
     return reference.discounted_returns(rewards.detach(), mask.detach(), gamma=gamma).to(torch.float32)

@@ -305,7 +305,7 @@ def dpo_loss(
     no_ref = bool(reference_free) or loss_type == "simpo"
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     device = _check_pairs(pc, pr, rc, rr, no_ref)
-    impl = resolve("dpo_loss", backend, device)
+    impl = resolve("dpo_loss", backend, device, pc, pr, rc, rr)
     if impl == "reference":
         from rlhf_fast import reference
 
@@ -425,7 +425,7 @@ def dpo_loss_from_logits(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    impl = resolve("dpo_loss_from_logits", backend, device)
+    impl = resolve("dpo_loss_from_logits", backend, device, logits, labels, mask, ref_chosen_logps, ref_rejected_logps)
     if impl == "reference":
         from rlhf_fast import reference
 

@@ -198,7 +198,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
     canonical = _canonical_kind(kind)
     _check_pair(logprobs, ref_logprobs)
     clamp = check_float("clamp", clamp, low=0.0, allow_none=True)
-    impl = resolve("kl_penalty", backend, logprobs.device)
+    impl = resolve("kl_penalty", backend, logprobs.device, logprobs, ref_logprobs)
     if impl == "reference":
         from rlhf_fast import reference
 
@@ -248,7 +248,7 @@ def shape_rewards(
         raise ValueError(f"scores must have shape [B] = [{logprobs.shape[0]}], got {tuple(scores.shape)}")
     check_same_device(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     kl_coef = check_float("kl_coef", kl_coef)
-    impl = resolve("shape_rewards", backend, logprobs.device)
+    impl = resolve("shape_rewards", backend, logprobs.device, scores, logprobs, ref_logprobs, mask)
     if impl == "reference":
         from rlhf_fast import reference
 

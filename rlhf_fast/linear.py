@@ -346,7 +346,7 @@ def linear_logprobs(
     check_int("ignore_index", ignore_index)
     if _chunk_rows_override is not None:
         check_int("_chunk_rows_override", _chunk_rows_override, low=1)
-    impl = resolve("linear_logprobs", backend, hidden.device)
+    impl = resolve("linear_logprobs", backend, hidden.device, hidden, weight, labels, bias)
     if impl != "triton":
         return reference.linear_logprobs(
             hidden,

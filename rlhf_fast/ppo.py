@@ -314,7 +314,7 @@ def ppo_policy_loss(
     dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)
     h = _horizon(agg, horizon)
-    impl = resolve("ppo_policy_loss", backend, logprobs.device)
+    impl = resolve("ppo_policy_loss", backend, logprobs.device, logprobs, old_logprobs, advantages, mask)
     if impl == "reference":
         from rlhf_fast import reference
 
@@ -392,7 +392,7 @@ def ppo_value_loss(
     eps = check_float("clip_eps", clip_eps, low=0.0, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)
     h = _horizon(agg, horizon)
-    impl = resolve("ppo_value_loss", backend, values.device)
+    impl = resolve("ppo_value_loss", backend, values.device, values, old_values, returns, mask)
     if eps is None and impl != "reference":
         # Unclipped, through the same kernel: clip(v, v - 0, v + 0) = v makes both terms equal.
         old_values, eps = values, 0.0

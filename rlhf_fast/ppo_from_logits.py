@@ -425,7 +425,9 @@ def ppo_loss_from_logits(
     check_agg(agg, horizon)
     check_int("ignore_index", ignore_index)
 
-    impl = resolve("ppo_loss_from_logits", backend, device)
+    impl = resolve(
+        "ppo_loss_from_logits", backend, device, logits, labels, old_logprobs, advantages, mask, ref_logprobs
+    )
     if impl == "reference":
         return reference.ppo_loss_from_logits(
             logits,

@@ -174,8 +174,9 @@ def _token_logprobs_and_entropy(logits, labels, temperature, ignore_index, with_
     lse = torch.logsumexp(z, dim=-1)
     bad = (~ignored) & ((labels < 0) | (labels >= V))
     safe = torch.where(ignored | bad, torch.zeros_like(labels), labels).long()
-    picked = torch.gather(z, -1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = picked - lse
+    # Subtracted before the squeeze: for vocab-sharded DTensor logits the gathered value is a
+    # masked partial sum that torch (2.13) fails to reduce once squeezed.
+    logp = (torch.gather(z, -1, safe.unsqueeze(-1)) - lse.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(bad | dead, torch.full_like(logp, float("nan")), logp)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
     if not with_entropy:
@@ -282,8 +283,8 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
 
 def _last_counted_index(mask):
     """[B] index of each row's last counted token, -1 for rows with none."""
-    T = mask.shape[-1]
-    pos = torch.arange(T, device=mask.device).expand_as(mask)
+    # (positions from the mask itself rather than torch.arange: a DTensor mask needs DTensor operands)
+    pos = torch.ones_like(mask, dtype=torch.long).cumsum(-1) - 1
     return torch.where(mask != 0, pos, -1).amax(-1)
 
 
@@ -324,8 +325,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
     dt = _compute_dtype(rewards)
     r, v, m = rewards.to(dt), values.to(dt), mask.to(dt)
     B, T = r.shape
-    nextvalue = torch.zeros(B, dtype=dt, device=r.device)
-    lastgae = torch.zeros(B, dtype=dt, device=r.device)
+    nextvalue = r.new_zeros(B)  # (new_zeros: a DTensor stays a DTensor)
+    lastgae = r.new_zeros(B)
     # Columns are stacked at the end rather than written into a buffer: under torch.func.vmap over
     # values or mask alone, an in-place write of a batched column into rewards' buffer is refused.
     columns = [None] * T
@@ -345,7 +346,7 @@ def discounted_returns(rewards, mask, *, gamma=1.0):
     dt = _compute_dtype(rewards)
     r, m = rewards.to(dt), mask.to(dt)
     B, T = r.shape
-    running = torch.zeros(B, dtype=dt, device=r.device)
+    running = r.new_zeros(B)
     columns = [None] * T  # stacked at the end, as in gae (vmap over the mask alone)
     for t in reversed(range(T)):
         running = m[:, t] * (r[:, t] + gamma * running) + (1 - m[:, t]) * running

@@ -375,7 +375,7 @@ def logprobs(
     _check_logits(logits)
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     _check_labels(logits, labels, ignore_index)
-    impl = resolve("logprobs", backend, logits.device)
+    impl = resolve("logprobs", backend, logits.device, logits, labels)
     if impl == "reference":
         from rlhf_fast import reference
 
@@ -406,7 +406,7 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str | None = N
     """
     _check_logits(logits)
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    impl = resolve("entropy", backend, logits.device)
+    impl = resolve("entropy", backend, logits.device, logits)
     if impl == "reference":
         from rlhf_fast import reference
 
@@ -458,7 +458,7 @@ def sequence_logprobs(
         check_tensor("mask", mask)
         check_same_shape("labels", labels, "mask", mask)  # before either path: no silent broadcast
         check_same_device(logits=logits, mask=mask)
-    impl = resolve("sequence_logprobs", backend, logits.device)
+    impl = resolve("sequence_logprobs", backend, logits.device, logits, labels, mask)
     if impl == "reference":
         from rlhf_fast import reference
 

@@ -698,3 +698,112 @@ def test_the_reference_path_and_torch_func_grad_compile_with_fullgraph(name):
         torch._dynamo.reset()
         got = torch.compile(torch.func.grad(summed), backend="aot_eager", fullgraph=True)(base[i])
         torch.testing.assert_close(got, torch.func.grad(summed)(base[i]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A device mesh over a single-process group (world size 1), for DTensor inputs."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable, or a process group already exists")
+    if DEVICE == "cuda":
+        if not dist.is_nccl_available():
+            pytest.skip("no NCCL for a CUDA device mesh")
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        if not dist.is_gloo_available():
+            pytest.skip("no gloo for a CPU device mesh")
+        backend = "gloo"
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh(DEVICE, (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_dtensor_inputs_run_the_reference_by_default(name, monkeypatch, one_rank_mesh):
+    """Tensor-parallel code (loss_parallel) hands the ops DTensors, and DTensor raises "does not
+    have a sharding strategy registered" for a custom op. So for DTensor inputs the default (even
+    RLHF_FAST_BACKEND naming a kernel) picks the reference, plain torch ops that DTensor runs
+    itself: the outputs are DTensors equal to the reference on plain tensors, gradients too. An
+    explicit kernel raises, naming backend='reference'. (DPO's gradient is not checked: torch's
+    DTensor has no rule for log_sigmoid's backward, which its reference uses, as TRL does.)"""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    op = name.split("/")[0]
+    _prefer_triton(monkeypatch, op)
+    fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(9))
+    mesh = one_rank_mesh
+    sharded = [distribute_tensor(a.detach(), mesh, [Replicate()]).requires_grad_(a.requires_grad) for a in args]
+    plain = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    got, want = _flat_tensors(fn(*sharded, None)), _flat_tensors(fn(*plain, "reference"))
+    assert all(isinstance(o, DTensor) for o in got), [type(o).__name__ for o in got]
+    torch.testing.assert_close([o.full_tensor() for o in got], want, atol=1e-6, rtol=1e-6)
+    if not op.startswith("dpo_"):
+        grads = _grads_of_sum(got, [a for a in sharded if a.requires_grad])
+        torch.testing.assert_close(
+            [g.full_tensor() for g in grads],
+            _grads_of_sum(want, [a for a in plain if a.requires_grad]),
+            atol=1e-6,
+            rtol=1e-6,
+        )
+    for kernel in _usable_kernels(op):
+        with pytest.raises(RuntimeError, match=r"DTensor inputs.*backend='reference'"):
+            fn(*sharded, kernel)
+
+
+def _vocab_sharded_worker(rank, store_path):
+    """One rank of test_vocab_sharded_logits_on_two_ranks_equal_the_reference."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        g = torch.Generator().manual_seed(10)
+        B, T, V = 4, 6, 38
+        logits, labels = torch.randn(B, T, V, generator=g), torch.randint(0, V, (B, T), generator=g)
+        labels[0, 1] = -100
+        old, ref = -3 * torch.rand(B, T, generator=g), -3 * torch.rand(B, T, generator=g)
+        adv, mask = torch.randn(B, T, generator=g), (torch.rand(B, T, generator=g) > 0.3).float()
+        ref_pair = -torch.rand(B, generator=g)
+
+        def ops(x, y, o, a, m, r, rp, backend):
+            loss, stats = rlhf_fast.ppo_loss_from_logits(
+                x, y, o, a, m, ref_logprobs=r, kl_coef=0.1, entropy_coef=0.01, backend=backend
+            )
+            return [
+                *rlhf_fast.logprobs(x, y, return_entropy=True, backend=backend),
+                rlhf_fast.sequence_logprobs(x, y, m, backend=backend),
+                rlhf_fast.dpo_loss_from_logits(x, y, m, rp[:2], rp[2:], backend=backend)[0],
+                loss,
+                stats["logprobs"],
+            ]
+
+        sharded = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_(True)
+        rest = [distribute_tensor(t, mesh, [Replicate()]) for t in (labels, old, adv, mask, ref, ref_pair)]
+        got = ops(sharded, *rest, None)
+        plain = logits.clone().requires_grad_(True)
+        want = ops(plain, labels, old, adv, mask, ref, ref_pair, "reference")
+        torch.testing.assert_close([o.full_tensor() for o in got], want, atol=1e-6, rtol=1e-6)
+        got[-2].backward()
+        want[-2].backward()
+        torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad, atol=1e-6, rtol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_sharded_logits_on_two_ranks_equal_the_reference(tmp_path):
+    """Tensor-parallel logits sharded on V (loss_parallel) across two gloo ranks on the CPU: the
+    default path (the reference; see the test above) gives the single-process reference's
+    log-probs, entropy, sequence log-probs, DPO and PPO losses and the PPO gradient. torch 2.13's
+    DTensor cannot reduce the vocab-sharded gathered log-prob once squeezed, so the reference
+    subtracts the log-sum-exp first; one rank alone never reduces it, hence two."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("no torch.distributed / gloo")
+    torch.multiprocessing.spawn(_vocab_sharded_worker, args=(str(tmp_path / "store"),), nprocs=2)
