@@ -283,8 +283,9 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
 
 def _last_counted_index(mask):
     """[B] index of each row's last counted token, -1 for rows with none."""
-    # (positions from the mask itself rather than torch.arange: a DTensor mask needs DTensor operands)
-    pos = torch.ones_like(mask, dtype=torch.long).cumsum(-1) - 1
+    # Positions from the mask rather than torch.arange, as a DTensor mask needs DTensor operands;
+    # a [T] cumsum over dim 0, as DTensor (torch 2.13) scans cumsum(-1) shard by shard.
+    pos = mask.new_ones(mask.shape[-1], dtype=torch.long).cumsum(0) - 1
     return torch.where(mask != 0, pos, -1).amax(-1)
 
 
@@ -590,7 +591,7 @@ def ppo_loss_from_logits(
         total = total + kl_coef * kl_tok
         kl_mean = _masked_mean(kl_tok, m).detach()
     else:
-        kl_mean = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        kl_mean = logp.new_zeros(())  # (new_zeros: a DTensor stays a DTensor)
     if entropy_coef != 0.0:
         total = total - entropy_coef * ent
     loss = aggregate(total, m, agg, horizon=horizon) * loss_scale

@@ -755,8 +755,8 @@ def test_dtensor_inputs_run_the_reference_by_default(name, monkeypatch, one_rank
             fn(*sharded, kernel)
 
 
-def _vocab_sharded_worker(rank, store_path):
-    """One rank of test_vocab_sharded_logits_on_two_ranks_equal_the_reference."""
+def _sharded_inputs_worker(rank, store_path):
+    """One rank of test_sharded_inputs_on_two_ranks_equal_the_reference."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -793,17 +793,38 @@ def _vocab_sharded_worker(rank, store_path):
         got[-2].backward()
         want[-2].backward()
         torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad, atol=1e-6, rtol=1e-6)
+
+        # [B, T] inputs sharded on T (sequence parallelism), the mask with holes; row 1's last
+        # counted token in the first shard, the others' in the second.
+        mask[1, 3:] = 0
+        rewards, values, scores = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), torch.randn(B)
+
+        def per_token_ops(s, r, v, lp, o, a, m, ref_lp, backend):
+            return [
+                rlhf_fast.shape_rewards(s, lp, ref_lp, m, kl_coef=0.05, backend=backend),
+                *rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95, backend=backend),
+                rlhf_fast.discounted_returns(r, m, gamma=0.99, backend=backend),
+                rlhf_fast.ppo_policy_loss(lp, o, a, m, backend=backend)[0],
+            ]
+
+        new_lp = old + 0.1 * torch.randn(B, T, generator=g)
+        on_t = [distribute_tensor(t, mesh, [Shard(1)]) for t in (rewards, values, new_lp, old, adv, mask, ref)]
+        got = per_token_ops(distribute_tensor(scores, mesh, [Replicate()]), *on_t, None)
+        want = per_token_ops(scores, rewards, values, new_lp, old, adv, mask, ref, "reference")
+        torch.testing.assert_close([o.full_tensor() for o in got], want, atol=1e-6, rtol=1e-6)
     finally:
         dist.destroy_process_group()
 
 
-def test_vocab_sharded_logits_on_two_ranks_equal_the_reference(tmp_path):
-    """Tensor-parallel logits sharded on V (loss_parallel) across two gloo ranks on the CPU: the
-    default path (the reference; see the test above) gives the single-process reference's
-    log-probs, entropy, sequence log-probs, DPO and PPO losses and the PPO gradient. torch 2.13's
-    DTensor cannot reduce the vocab-sharded gathered log-prob once squeezed, so the reference
-    subtracts the log-sum-exp first; one rank alone never reduces it, hence two."""
+def test_sharded_inputs_on_two_ranks_equal_the_reference(tmp_path):
+    """DTensors across two gloo ranks on the CPU; the default path (the reference; see the test
+    above) equals the single-process reference. Logits sharded on V (loss_parallel): log-probs,
+    entropy, sequence log-probs, DPO and PPO losses and the PPO gradient; torch 2.13's DTensor
+    cannot reduce the vocab-sharded gathered log-prob once squeezed, so the reference subtracts
+    the log-sum-exp first. [B, T] inputs sharded on T: shape_rewards (DTensor runs cumsum(-1)
+    shard by shard, so the last-token positions are a [T] cumsum over dim 0), GAE, returns, the
+    PPO loss. One rank alone never reduces or scans across shards, hence two."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("no torch.distributed / gloo")
-    torch.multiprocessing.spawn(_vocab_sharded_worker, args=(str(tmp_path / "store"),), nprocs=2)
+    torch.multiprocessing.spawn(_sharded_inputs_worker, args=(str(tmp_path / "store"),), nprocs=2)
