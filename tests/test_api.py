@@ -794,6 +794,20 @@ def _sharded_inputs_worker(rank, store_path):
         want[-2].backward()
         torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad, atol=1e-6, rtol=1e-6)
 
+        # A vocab-sharded lm_head (ColwiseParallel): linear_logprobs' log-probs, entropy, gradients.
+        hidden, weight = torch.randn(B, T, 8, generator=g), torch.randn(V, 8, generator=g)
+        dist_h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_(True)
+        dist_w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+        got = rlhf_fast.linear_logprobs(dist_h, dist_w, rest[0], return_entropy=True)
+        plain_h, plain_w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        want = rlhf_fast.linear_logprobs(plain_h, plain_w, labels, return_entropy=True, backend="reference")
+        torch.testing.assert_close([o.full_tensor() for o in got], list(want), atol=1e-6, rtol=1e-6)
+        sum(o.sum() for o in got).backward()
+        sum(o.sum() for o in want).backward()
+        torch.testing.assert_close(
+            [dist_h.grad.full_tensor(), dist_w.grad.full_tensor()], [plain_h.grad, plain_w.grad], atol=1e-5, rtol=1e-5
+        )
+
         # [B, T] inputs sharded on T (sequence parallelism), the mask with holes; row 1's last
         # counted token in the first shard, the others' in the second.
         mask[1, 3:] = 0
@@ -819,7 +833,8 @@ def _sharded_inputs_worker(rank, store_path):
 def test_sharded_inputs_on_two_ranks_equal_the_reference(tmp_path):
     """DTensors across two gloo ranks on the CPU; the default path (the reference; see the test
     above) equals the single-process reference. Logits sharded on V (loss_parallel): log-probs,
-    entropy, sequence log-probs, DPO and PPO losses and the PPO gradient; torch 2.13's DTensor
+    entropy, sequence log-probs, DPO and PPO losses and the PPO gradient, and linear_logprobs with
+    a vocab-sharded weight; torch 2.13's DTensor
     cannot reduce the vocab-sharded gathered log-prob once squeezed, so the reference subtracts
     the log-sum-exp first. [B, T] inputs sharded on T: shape_rewards (DTensor runs cumsum(-1)
     shard by shard, so the last-token positions are a [T] cumsum over dim 0), GAE, returns, the
