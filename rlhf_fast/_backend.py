@@ -142,6 +142,14 @@ def holds_dtensor(tensors) -> bool:
     return any(isinstance(t, module.DTensor) for t in tensors)
 
 
+def saveable(*tensors):
+    """`tensors` as ctx.save_for_backward takes them. An inference tensor (made under
+    torch.inference_mode(): reference log-probs, labels or masks from a rollout) cannot be saved
+    for backward, where eager PyTorch's formulas never save it; such a tensor is cloned into a
+    normal one (None and other tensors pass through, no copy)."""
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
 def checks_enabled() -> bool:
     """RLHF_FAST_CHECK=1 turns silent NaN outputs (bad labels) into errors (costs a host sync)."""
     return os.environ.get("RLHF_FAST_CHECK", "0") == "1"

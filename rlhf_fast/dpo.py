@@ -28,6 +28,7 @@ from rlhf_fast._backend import (
     fp32_outputs,
     register_op,
     resolve,
+    saveable,
 )
 
 # DPO_LOSS_TYPES: every accepted loss_type (TRL's DPOTrainer types + simpo);
@@ -134,7 +135,7 @@ def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, gamma, discopop_tau):
 def _pair_setup_context(ctx, inputs, output):
     pc, pr, rc, rr, beta, loss_type, label_smoothing, gamma, discopop_tau = inputs
     ctx.hyper = (beta, loss_type, label_smoothing, gamma, discopop_tau)
-    ctx.save_for_backward(pc, pr, rc, rr)
+    ctx.save_for_backward(*saveable(pc, pr, rc, rr))
 
 
 def _pair_backward(ctx, grad_loss, grad_chosen_rewards, grad_rejected_rewards):

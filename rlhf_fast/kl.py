@@ -28,6 +28,7 @@ from rlhf_fast._backend import (
     kernel_backward,
     register_op,
     resolve,
+    saveable,
 )
 from rlhf_fast.reference import KL_KINDS  # name -> canonical kind (verl: kl = k1, mse = k2, low_var_kl = k3)
 
@@ -79,7 +80,7 @@ def _(grad, logprobs, ref_logprobs, kind, clamp, need_logprobs, need_ref):
 
 def _kl_setup_context(ctx, inputs, output):
     logprobs, ref_logprobs, kind, clamp = inputs
-    ctx.save_for_backward(logprobs, ref_logprobs)
+    ctx.save_for_backward(*saveable(logprobs, ref_logprobs))
     ctx.kind = kind
     ctx.clamp = clamp
 
@@ -107,7 +108,7 @@ class _KLPenaltyFunction(torch.autograd.Function):
     def forward(ctx, logprobs, ref_logprobs, kind, clamp):
         from rlhf_fast.kernels import kl as kl_kernels
 
-        ctx.save_for_backward(logprobs, ref_logprobs)
+        ctx.save_for_backward(*saveable(logprobs, ref_logprobs))
         ctx.kind = kind
         ctx.clamp = clamp
         return kl_kernels.kl_forward(logprobs, ref_logprobs, kind, clamp)

@@ -46,6 +46,7 @@ from rlhf_fast._backend import (
     check_tensor,
     register_op,
     resolve,
+    saveable,
 )
 
 __all__ = ["linear_logprobs"]
@@ -246,7 +247,7 @@ def _(
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk = inputs
     _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
+    ctx.save_for_backward(*saveable(hidden, weight, bias, labels), lse, ent if with_entropy else None)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.chunk = chunk

@@ -700,6 +700,29 @@ def test_the_reference_path_and_torch_func_grad_compile_with_fullgraph(name):
         torch.testing.assert_close(got, torch.func.grad(summed)(base[i]), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", _VARYING_SHAPE_OPS)
+def test_inputs_made_under_inference_mode_work_on_every_path(name):
+    """Reference log-probs, labels, masks and scores often come from a rollout or a reference
+    model run under torch.inference_mode(). Eager formulas never save them for backward, but a
+    kernel's autograd did, and torch refuses to save an inference tensor. Every input that takes
+    no gradient is an inference tensor here: the kernel path equals the reference, gradients
+    included."""
+    op = name.split("/")[0]
+    fn, args = _varying_shape_case(name, 4, 6, torch.Generator().manual_seed(11))
+    results = []
+    for backend in (_kernel_backend(op), "reference"):
+        inputs = []
+        for a in args:
+            if a.requires_grad:
+                inputs.append(a.detach().clone().requires_grad_(True))
+            else:
+                with torch.inference_mode():
+                    inputs.append(a.detach().clone())
+        outs = _flat_tensors(fn(*inputs, backend))
+        results.append(outs + _grads_of_sum(outs, [a for a in inputs if a.requires_grad]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5, check_dtype=False)
+
+
 @pytest.fixture
 def one_rank_mesh():
     """A device mesh over a single-process group (world size 1), for DTensor inputs."""
