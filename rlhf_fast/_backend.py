@@ -146,7 +146,8 @@ def saveable(*tensors):
     """`tensors` as ctx.save_for_backward takes them. An inference tensor (made under
     torch.inference_mode(): reference log-probs, labels or masks from a rollout) cannot be saved
     for backward, where eager PyTorch's formulas never save it; such a tensor is cloned into a
-    normal one (None and other tensors pass through, no copy)."""
+    normal one (None and other tensors pass through, no copy). For inputs whose eager formula
+    never saves them only: a matmul operand (hidden, weight) is saved as it is, as eager saves it."""
     return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 

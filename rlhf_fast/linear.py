@@ -247,7 +247,8 @@ def _(
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk = inputs
     _, ent, lse = output
-    ctx.save_for_backward(*saveable(hidden, weight, bias, labels), lse, ent if with_entropy else None)
+    # (labels may be an inference tensor; hidden / weight / bias are saved as eager's matmul saves them)
+    ctx.save_for_backward(hidden, weight, bias, *saveable(labels), lse, ent if with_entropy else None)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.chunk = chunk

@@ -188,7 +188,7 @@ def _logprobs_setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.with_entropy = with_entropy
     ctx.inplace_backward = inplace_backward
-    ctx.save_for_backward(*saveable(logits, labels), lse, ent if with_entropy else None)
+    ctx.save_for_backward(logits, *saveable(labels), lse, ent if with_entropy else None)
 
 
 def _logprobs_backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -228,7 +228,7 @@ def _entropy_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.ignore_index = 0
     ctx.inplace_backward = False
-    ctx.save_for_backward(*saveable(logits), lse, ent)
+    ctx.save_for_backward(logits, lse, ent)
 
 
 def _entropy_backward(ctx, grad_entropy, grad_lse):
@@ -275,7 +275,7 @@ def _sequence_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.inplace_backward = False
-    ctx.save_for_backward(*saveable(logits, labels, weight), lse)
+    ctx.save_for_backward(logits, *saveable(labels, weight), lse)
 
 
 def _sequence_backward(ctx, grad_token, grad_lse):
