@@ -182,27 +182,23 @@ def resolve(op: str, backend: str | None, device: torch.device, *inputs: torch.T
     if custom_ops_untransformable():
         # torch.func cannot transform a torch.library custom op's autograd (nor batch a kernel),
         # and its own error asks for a setup_context the user cannot add.
-        if from_env:
-            return "reference"
-        raise RuntimeError(
-            f"{op}: backend={impl!r} does not run under torch.func transforms (grad, vmap, jacrev, "
-            "jvp, ...) or forward-mode AD: the kernels are custom ops, which these cannot differentiate "
-            "or batch. Use backend='reference' (or the default, which picks it there)."
+        why = (
+            "does not run under torch.func transforms (grad, vmap, jacrev, jvp, ...) or forward-mode AD: "
+            "the kernels are custom ops, which these cannot differentiate or batch"
         )
-    if holds_dtensor(inputs):
+    elif holds_dtensor(inputs):
         # DTensor would raise "does not have a sharding strategy registered" for the custom op; the
         # reference is plain torch ops, which DTensor shards (or redistributes) itself.
-        if from_env:
-            return "reference"
-        raise RuntimeError(
-            f"{op}: backend={impl!r} does not take DTensor inputs: the kernels are custom ops with no "
-            "sharding rule. Use backend='reference' (or the default, which picks it there)."
-        )
-    return impl
+        why = "does not take DTensor inputs: the kernels are custom ops with no sharding rule"
+    else:
+        return impl
+    if from_env:
+        return "reference"
+    raise RuntimeError(f"{op}: backend={impl!r} {why}. Use backend='reference' (or the default, which picks it there).")
 
 
 def _pick(op: str, backend: str | None, device: torch.device, from_env: bool) -> str:
-    """resolve() without the torch.func rule."""
+    """resolve() without the torch.func and DTensor rules."""
     info = OPS[op]
     requested = default_backend() if from_env else backend
     if requested not in BACKENDS:
