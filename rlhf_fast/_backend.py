@@ -200,11 +200,12 @@ def resolve(op: str, backend: str | None, device: torch.device, *inputs: torch.T
 def _pick(op: str, backend: str | None, device: torch.device, from_env: bool) -> str:
     """resolve() without the torch.func and DTensor rules."""
     info = OPS[op]
-    requested = default_backend() if from_env else backend
-    if requested not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
-    if from_env and requested in ("triton", "cpp") and requested not in available_backends(op):
-        requested = "auto"
+    if from_env:
+        requested = default_backend()
+        if requested in ("triton", "cpp") and requested not in available_backends(op):
+            requested = "auto"
+    else:
+        requested = check_backend(op, backend)
     dev = device.type
     if requested == "auto":
         if dev == "cuda":
@@ -219,8 +220,6 @@ def _pick(op: str, backend: str | None, device: torch.device, from_env: bool) ->
     if requested == "reference":
         return "reference"
     if requested == "triton":
-        if not info.triton:
-            raise ValueError(f"{op}: has no Triton kernel (available: {available_backends(op)})")
         if not triton_importable():
             raise RuntimeError(f"{op}: backend='triton' but triton is not installed")
         if not triton_usable(dev):
@@ -229,13 +228,26 @@ def _pick(op: str, backend: str | None, device: torch.device, from_env: bool) ->
             )
         return "triton"
     # requested == "cpp"
-    if not info.cpp:
-        raise ValueError(f"{op}: has no C++/CUDA kernel (available: {available_backends(op)})")
     if load_C() is None:
         raise RuntimeError(f"{op}: backend='cpp' but rlhf_fast._C failed to load ({C_error()})")
     if not cpp_has_kernel(info.cpp_name, dev):
         raise RuntimeError(f"{op}: rlhf_fast._C has no {dev} kernel for this op (built without CUDA?)")
     return "cpp"
+
+
+def check_backend(op: str, backend: str | None) -> str | None:
+    """The machine-independent checks on an explicit backend: one of BACKENDS (or None), and a
+    kernel `op` has. resolve() runs them on every call, the nn.Modules at construction as well.
+    Returns it unchanged."""
+    if backend is None:
+        return None
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
+    if backend == "triton" and not OPS[op].triton:
+        raise ValueError(f"{op}: has no Triton kernel (available: {available_backends(op)})")
+    if backend == "cpp" and not OPS[op].cpp:
+        raise ValueError(f"{op}: has no C++/CUDA kernel (available: {available_backends(op)})")
+    return backend
 
 
 def available_backends(op: str) -> list[str]:

@@ -40,6 +40,15 @@ class PPOLoss(nn.Module):
         loss_scale: float = 1.0,
     ):
         super().__init__()
+        from rlhf_fast._backend import check_backend
+        from rlhf_fast.ppo_from_logits import _check_hyper
+
+        # A bad setting fails here, where the config is written, not at the first step after a rollout.
+        _check_hyper(
+            temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
+            ignore_index, loss_scale,
+        )
+        check_backend("ppo_loss_from_logits", backend)
         self.kwargs = dict(
             inplace_backward=inplace_backward,
             clip_eps=clip_eps,
@@ -102,6 +111,14 @@ class DPOLoss(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
+        from rlhf_fast._backend import check_backend, check_float, check_int
+        from rlhf_fast.dpo import _check_hyper
+
+        # As PPOLoss: a bad setting fails at construction.
+        _check_hyper(beta, loss_type, label_smoothing, gamma, discopop_tau)
+        check_float("temperature", temperature, low=0.0, low_inclusive=False)
+        check_int("ignore_index", ignore_index)
+        check_backend("dpo_loss_from_logits", backend)
         self.kwargs = dict(
             beta=beta,
             loss_type=loss_type,

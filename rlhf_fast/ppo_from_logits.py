@@ -296,6 +296,29 @@ class _InplaceBackward(torch.autograd.Function):
 # Public function
 
 
+def _check_hyper(
+    temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
+    ignore_index, loss_scale,
+):
+    """The hyper-parameter checks of ppo_loss_from_logits (no tensors needed, so PPOLoss runs them
+    at construction too). Returns temperature, clip_eps, clip_eps_high (clip_eps where None),
+    dual_clip, kl_coef, kl_clamp, entropy_coef and loss_scale as floats (None kept)."""
+    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
+    clip_eps = check_float("clip_eps", clip_eps, low=0.0)
+    clip_high = clip_eps if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
+    if dual_clip is not None:
+        dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    kl_coef = check_float("kl_coef", kl_coef)
+    kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
+    entropy_coef = check_float("entropy_coef", entropy_coef)
+    loss_scale = check_loss_scale(loss_scale)
+    if kl_kind not in _KL_KINDS:
+        raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
+    check_agg(agg, horizon)
+    check_int("ignore_index", ignore_index)
+    return temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale
+
+
 def ppo_loss_from_logits(
     logits: Tensor,
     labels: Tensor,
@@ -410,20 +433,11 @@ def ppo_loss_from_logits(
         mask=mask,
         ref_logprobs=ref_logprobs,
     )
-    temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    clip_eps = check_float("clip_eps", clip_eps, low=0.0)
-    clip_high = clip_eps if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
-    if dual_clip is not None:
-        dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    kl_coef = check_float("kl_coef", kl_coef)
+    temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale = _check_hyper(
+        temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
+        ignore_index, loss_scale,
+    )
     reference.check_kl_term(kl_coef, ref_logprobs)
-    kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
-    entropy_coef = check_float("entropy_coef", entropy_coef)
-    loss_scale = check_loss_scale(loss_scale)
-    if kl_kind not in _KL_KINDS:
-        raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
-    check_agg(agg, horizon)
-    check_int("ignore_index", ignore_index)
 
     impl = resolve(
         "ppo_loss_from_logits", backend, device, logits, labels, old_logprobs, advantages, mask, ref_logprobs

@@ -1,9 +1,10 @@
 """nn.Module wrappers hold hyper-parameters only: same numbers as the functional ops."""
 
+import pytest
 import torch
+from conftest import DEVICE
 
 import rlhf_fast
-from conftest import DEVICE
 
 
 def test_ppo_loss_module_matches_functional():
@@ -49,3 +50,89 @@ def test_dpo_loss_module_matches_functional():
     loss2, _ = rlhf_fast.dpo_loss_from_logits(logits, labels, mask, rc, rr, beta=0.2, loss_type="ipo", average=True, backend="reference")
     torch.testing.assert_close(loss1, loss2)
     assert list(module.parameters()) == []
+
+
+PPO_BAD_SETTINGS = [
+    dict(agg="token_mean"),  # a typo of "token-mean"
+    dict(clip_eps=-0.1),
+    dict(clip_eps_high=float("nan")),
+    dict(dual_clip=0.5),
+    dict(kl_kind="k9"),
+    dict(kl_clamp=-1.0),
+    dict(entropy_coef="0.01"),
+    dict(temperature=0.0),
+    dict(horizon=512),  # horizon without agg="seq-mean-token-sum-norm"
+    dict(ignore_index=-100.0),
+    dict(loss_scale=0.0),
+    dict(backend="tritn"),
+    dict(backend="cpp"),  # this op has no C++ kernel
+]
+DPO_BAD_SETTINGS = [
+    dict(loss_type="sigmod"),
+    dict(beta=0.0),
+    dict(loss_type="ipo", label_smoothing=0.1),  # no meaning for IPO
+    dict(loss_type="robust", label_smoothing=0.5),
+    dict(discopop_tau=-1.0),
+    dict(temperature=-1.0),
+    dict(ignore_index=None),
+    dict(backend="cpp"),
+]
+
+
+def _raised(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("bad", PPO_BAD_SETTINGS, ids=repr)
+def test_ppo_loss_module_rejects_bad_settings_at_construction(bad):
+    """A bad hyper-parameter fails where the module is built (the config), with the error the
+    functional op gives, not at the first training step after a rollout."""
+    B, T, V = 2, 3, 11
+    logits = torch.randn(B, T, V, device=DEVICE)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    old, adv = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    at_construction = _raised(lambda: rlhf_fast.PPOLoss(**bad))
+    assert at_construction is not None, f"PPOLoss({bad}) constructed"
+    assert at_construction == _raised(lambda: rlhf_fast.ppo_loss_from_logits(logits, labels, old, adv, mask, **bad))
+
+
+@pytest.mark.parametrize("bad", DPO_BAD_SETTINGS, ids=repr)
+def test_dpo_loss_module_rejects_bad_settings_at_construction(bad):
+    B, T, V = 2, 3, 11
+    logits = torch.randn(2 * B, T, V, device=DEVICE)
+    labels = torch.randint(0, V, (2 * B, T), device=DEVICE)
+    mask = torch.ones(2 * B, T, device=DEVICE)
+    rc, rr = torch.randn(B, device=DEVICE), torch.randn(B, device=DEVICE)
+    at_construction = _raised(lambda: rlhf_fast.DPOLoss(**bad))
+    assert at_construction is not None, f"DPOLoss({bad}) constructed"
+    assert at_construction == _raised(lambda: rlhf_fast.dpo_loss_from_logits(logits, labels, mask, rc, rr, **bad))
+
+
+def test_modules_accept_every_valid_setting_and_survive_copies():
+    """Construction-time checks must not refuse what the functional ops take; a module is plain
+    data (no parameters or buffers), so deepcopy and pickle give the same module."""
+    import copy
+    import pickle
+
+    for kw in (
+        dict(clip_eps=0, clip_eps_high=0.28, dual_clip=3, kl_coef=-0.1, kl_kind="low_var_kl", kl_clamp=10),
+        dict(agg="seq-mean-token-sum-norm", horizon=4096, temperature=0.7, ignore_index=0, loss_scale=1e-3),
+        dict(entropy_coef=0.01, backend="reference"),
+        dict(backend="auto"),
+        dict(backend="triton"),  # availability on the device is checked at the call, as for the op
+    ):
+        module = rlhf_fast.PPOLoss(**kw)
+        for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+            assert clone.kwargs == module.kwargs and repr(clone) == repr(module)
+    for kw in (
+        dict(loss_type="robust", label_smoothing=0.49),
+        dict(loss_type="simpo", gamma=-1.0, average=True, temperature=2, ignore_index=0),
+        dict(loss_type="discopop", discopop_tau=0.1, backend="triton"),
+    ):
+        module = rlhf_fast.DPOLoss(**kw)
+        assert pickle.loads(pickle.dumps(module)).kwargs == module.kwargs
