@@ -18,6 +18,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import numbers
 import os
 import sys
 import threading
@@ -479,12 +480,15 @@ def check_float(
 
     bool and non-numbers raise TypeError, NaN/inf and values outside the bounds raise ValueError;
     every message names the argument. `low`/`high` are optional bounds (inclusive by default).
-    With allow_none=True, None is accepted and returned as is. Python ints become floats; a
+    With allow_none=True, None is accepted and returned as is. Python ints and numpy scalars
+    become floats; a
     symbolic float (torch.compile with dynamic floats) is checked by comparison and returned
     unchanged.
     """
     if value is None and allow_none:
         return None
+    if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and _is_real_scalar(value):
+        value = float(value)  # numpy.float32 / int64 and the like (a sweep's np.linspace, say)
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, int):
@@ -499,9 +503,18 @@ def check_float(
     return value
 
 
+def _is_real_scalar(value) -> bool:
+    """numpy's scalars register as numbers.Real (numpy.bool_ does not); tensors are left to the
+    TypeError: a 0-d CUDA tensor as a hyper-parameter would cost a host sync per call."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+
+
 def check_int(name: str, value, *, low=None, high=None) -> int:
     """Validate an integer argument (bool and non-integers raise TypeError; optional inclusive
-    bounds raise ValueError); every message names the argument. Returns it unchanged."""
+    bounds raise ValueError); every message names the argument. Returns it, a numpy integer
+    (numpy.int64 and the like) as a Python int."""
+    if not isinstance(value, (int, torch.SymInt)) and isinstance(value, numbers.Integral):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if low is not None and value < low:

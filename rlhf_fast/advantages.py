@@ -18,6 +18,7 @@ from rlhf_fast import reference
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
     check_float,
+    check_int,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -212,7 +213,7 @@ def masked_whiten(
     check_same_device(x=x, mask=mask)
     if not isinstance(shift_mean, bool):
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
-    check_float("eps", eps, low=0.0)
+    eps = check_float("eps", eps, low=0.0)
     resolve("masked_whiten", backend, x.device)  # validates backend; only the reference exists
     return reference.masked_whiten(x.detach(), mask.detach(), shift_mean=shift_mean, eps=eps).to(torch.float32)
 
@@ -248,15 +249,12 @@ def group_advantages(
     check_tensor("scores", scores, dtypes=FLOAT_DTYPES, ndim=1)
     if method not in GROUP_METHODS:
         raise ValueError(f"method={method!r} is not one of {GROUP_METHODS}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    group_size = check_int("group_size", group_size, low=1)
     if method in ("grpo", "rloo") and group_size < 2:
         raise ValueError(f"group_size must be >= 2 for method={method!r}, got {group_size}")
     if scores.shape[0] % group_size != 0:
         raise ValueError(f"group_size={group_size} does not divide the number of scores ({scores.shape[0]})")
-    check_float("eps", eps, low=0.0)
+    eps = check_float("eps", eps, low=0.0)
     resolve("group_advantages", backend, scores.device)
     return reference.group_advantages(scores.detach(), group_size, method=method, eps=eps).to(torch.float32)
 

@@ -23,7 +23,7 @@ def aggregation_weights(mask: torch.Tensor, agg: str = "token-mean", *, horizon=
     mask: [B, T] bool or float (1 = token counts). An empty mask gives all-zero weights
     (so the loss is 0 with 0 gradient, never NaN). No host sync.
     """
-    check_agg(agg, horizon)
+    horizon = check_agg(agg, horizon)
     check_tensor("mask", mask, ndim=2)
     m = mask.detach().to(torch.float32)  # a mask weighs tokens; it is not differentiated
     if agg == "token-mean":

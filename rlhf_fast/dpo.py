@@ -400,7 +400,7 @@ def dpo_loss_from_logits(
     rows_shape = tuple(logits.shape[:2])
     check_tensor("labels", labels, dtypes=LABEL_DTYPES, ndim=2)
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    check_int("ignore_index", ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
     if labels.shape != rows_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits [2B, T] = {rows_shape}")
     if mask is not None:

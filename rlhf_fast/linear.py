@@ -345,7 +345,7 @@ def linear_logprobs(
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight rows {weight.shape[0]}")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    check_int("ignore_index", ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
     if _chunk_rows_override is not None:
         check_int("_chunk_rows_override", _chunk_rows_override, low=1)
     impl = resolve("linear_logprobs", backend, hidden.device, hidden, weight, labels, bias)

@@ -238,7 +238,7 @@ def _horizon(agg: str, horizon) -> float:
     """The custom ops' horizon argument: 0.0 stands for T (the default), which the launcher reads
     from the shape. Passing T itself would make torch.compile guard on its value (a custom op's
     float argument is a constant of the graph), compiling again for every sequence length."""
-    check_agg(agg, horizon)
+    horizon = check_agg(agg, horizon)
     return 0.0 if horizon is None else float(horizon)
 
 
@@ -324,8 +324,8 @@ def ppo_policy_loss(
                 old_logprobs,
                 advantages,
                 mask,
-                clip_eps=clip_eps,
-                clip_eps_high=clip_eps_high,
+                clip_eps=eps_low,
+                clip_eps_high=eps_high,
                 dual_clip=dual_clip,
                 agg=agg,
                 horizon=horizon,
@@ -401,7 +401,7 @@ def ppo_value_loss(
 
         return fp32_outputs(
             reference.ppo_value_loss(
-                values, old_values, returns, mask, clip_eps=clip_eps, agg=agg, horizon=horizon, loss_scale=loss_scale
+                values, old_values, returns, mask, clip_eps=eps, agg=agg, horizon=horizon, loss_scale=loss_scale
             )
         )
     loss, stats_vec = _fused_loss(

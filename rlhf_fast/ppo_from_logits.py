@@ -302,7 +302,8 @@ def _check_hyper(
 ):
     """The hyper-parameter checks of ppo_loss_from_logits (no tensors needed, so PPOLoss runs them
     at construction too). Returns temperature, clip_eps, clip_eps_high (clip_eps where None),
-    dual_clip, kl_coef, kl_clamp, entropy_coef and loss_scale as floats (None kept)."""
+    dual_clip, kl_coef, kl_clamp, entropy_coef and loss_scale as floats, then horizon and
+    ignore_index (None kept; numpy scalars as Python numbers)."""
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
     clip_eps = check_float("clip_eps", clip_eps, low=0.0)
     clip_high = clip_eps if clip_eps_high is None else check_float("clip_eps_high", clip_eps_high, low=0.0)
@@ -314,9 +315,9 @@ def _check_hyper(
     loss_scale = check_loss_scale(loss_scale)
     if kl_kind not in _KL_KINDS:
         raise ValueError(f"kl_kind={kl_kind!r} is not one of {sorted(_KL_KINDS)}")
-    check_agg(agg, horizon)
-    check_int("ignore_index", ignore_index)
-    return temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale
+    horizon = check_agg(agg, horizon)
+    ignore_index = check_int("ignore_index", ignore_index)
+    return temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale, horizon, ignore_index
 
 
 def ppo_loss_from_logits(
@@ -433,7 +434,8 @@ def ppo_loss_from_logits(
         mask=mask,
         ref_logprobs=ref_logprobs,
     )
-    temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale = _check_hyper(
+    (temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale, horizon,
+     ignore_index) = _check_hyper(
         temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
         ignore_index, loss_scale,
     )
@@ -451,7 +453,7 @@ def ppo_loss_from_logits(
             mask,
             temperature=temperature,
             clip_eps=clip_eps,
-            clip_eps_high=clip_eps_high,
+            clip_eps_high=clip_high,
             dual_clip=dual_clip,
             ref_logprobs=ref_logprobs,
             kl_coef=kl_coef,

@@ -14,6 +14,7 @@ mask [B, T] bool or float, 1 = token counts. Masked positions contribute exactly
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -404,15 +405,22 @@ def group_advantages(scores, group_size, *, method="grpo", eps=1e-6):
 
 
 def check_agg(agg, horizon=None):
-    """Validate an aggregation mode and its horizon (used by the reference and the kernels alike)."""
+    """Validate an aggregation mode and its horizon (used by the reference and the kernels alike).
+    Returns the horizon (None kept; a numpy scalar as a Python number)."""
     if agg not in AGG_MODES:
         raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
     if horizon is not None and agg != "seq-mean-token-sum-norm":
         raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
+    if horizon is not None and not isinstance(horizon, (int, float)):  # Python numbers: no ABC check
+        if isinstance(horizon, numbers.Integral):
+            horizon = int(horizon)  # numpy.int64 and the like
+        elif isinstance(horizon, numbers.Real):
+            horizon = float(horizon)  # numpy.float32 and the like (numpy.bool_ is neither)
     # bool is an int, and an infinite horizon would make the loss silently 0: both rejected.
     ok = isinstance(horizon, (int, float)) and not isinstance(horizon, bool) and 0 < horizon < math.inf
     if horizon is not None and not ok:
         raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
+    return horizon
 
 
 def check_kl_term(kl_coef, ref_logprobs):
@@ -432,7 +440,7 @@ def aggregate(loss_mat, mask, agg="token-mean", *, horizon=None):
     seq-mean-token-mean: mean_b (sum_t L m / sum_t m); seq-mean-token-sum-norm:
     seq-mean-token-sum / horizon (default T).
     """
-    check_agg(agg, horizon)
+    horizon = check_agg(agg, horizon)
     dt = _compute_dtype(loss_mat)
     m = mask.detach().to(dt)  # a mask weighs tokens; it gets no gradient (nor on the kernel path)
     Lm = torch.where(m != 0, loss_mat.to(dt) * m, 0.0)

@@ -300,7 +300,8 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
 
 
-def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
+def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> int:
+    """Validate labels against logits; returns ignore_index (a numpy integer as a Python int)."""
     check_tensor("labels", labels, dtypes=LABEL_DTYPES)
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -308,7 +309,7 @@ def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
             f"{tuple(logits.shape[:-1])}"
         )
     check_same_device(logits=logits, labels=labels)
-    check_int("ignore_index", ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
     if checks_enabled():
         # RLHF_FAST_CHECK=1 only: a host sync to turn silent NaNs into an error.
         V = logits.shape[-1]
@@ -319,6 +320,7 @@ def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
                 f"labels has {int(bad.sum())} value(s) outside [0, {V}) that are not "
                 f"ignore_index={ignore_index}, e.g. {values}"
             )
+    return ignore_index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ def logprobs(
     """
     _check_logits(logits)
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    _check_labels(logits, labels, ignore_index)
+    ignore_index = _check_labels(logits, labels, ignore_index)
     impl = resolve("logprobs", backend, logits.device, logits, labels)
     if impl == "reference":
         from rlhf_fast import reference
@@ -454,7 +456,7 @@ def sequence_logprobs(
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D [B, T, V], got shape {tuple(logits.shape)}")
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    _check_labels(logits, labels, ignore_index)
+    ignore_index = _check_labels(logits, labels, ignore_index)
     if mask is not None:
         check_tensor("mask", mask)
         check_same_shape("labels", labels, "mask", mask)  # before either path: no silent broadcast

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -721,6 +722,131 @@ def test_inputs_made_under_inference_mode_work_on_every_path(name):
         outs = _flat_tensors(fn(*inputs, backend))
         results.append(outs + _grads_of_sum(outs, [a for a in inputs if a.requires_grad]))
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5, check_dtype=False)
+
+
+def _every_hyper_parameter_case(name, real, integer, g):
+    """(fn(*tensors, backend), tensors) of op `name` with every numeric hyper-parameter set, each
+    passed through `real` (floats) or `integer` (ints). Values are exact in fp32, so float() of a
+    numpy.float32 of them is the Python value itself."""
+    B, T, V, H = 4, 6, 11, 8
+    r, i = real, integer
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
+
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(DEVICE)
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)  # label 0 is the ignore_index below
+    logits, per_token = rand(B, T, V, grad=True), rand(B, T, grad=True)
+    rf, SUM_NORM = rlhf_fast, "seq-mean-token-sum-norm"
+    cases = {
+        "logprobs": (
+            lambda x, y, be: rf.logprobs(x, y, temperature=r(0.75), ignore_index=i(0), return_entropy=True, backend=be),
+            (logits, labels),
+        ),
+        "entropy": (lambda x, be: rf.entropy(x, temperature=r(1.5), backend=be), (logits,)),
+        "sequence_logprobs": (
+            lambda x, y, m, be: rf.sequence_logprobs(x, y, m, temperature=r(0.5), ignore_index=i(0), backend=be),
+            (logits, labels, mask),
+        ),
+        "linear_logprobs": (
+            lambda h, w, y, be: rf.linear_logprobs(h, w, y, temperature=r(2.0), ignore_index=i(0), backend=be),
+            (rand(B, T, H, grad=True), rand(V, H, grad=True), labels),
+        ),
+        "kl_penalty": (
+            lambda a, b, be: rf.kl_penalty(a, b, kind="k3", clamp=r(0.5), backend=be),
+            (per_token, rand(B, T)),
+        ),
+        "shape_rewards": (
+            lambda s, a, b, m, be: rf.shape_rewards(s, a, b, m, kl_coef=r(0.0625), backend=be),
+            (rand(B), rand(B, T), rand(B, T), mask),
+        ),
+        "gae": (
+            lambda a, v, m, be: rf.gae(a, v, m, gamma=r(0.96875), lam=r(0.9375), backend=be),
+            (rand(B, T), rand(B, T), mask),
+        ),
+        "discounted_returns": (
+            lambda a, m, be: rf.discounted_returns(a, m, gamma=r(0.96875), backend=be),
+            (rand(B, T), mask),
+        ),
+        "masked_whiten": (lambda a, m, be: rf.masked_whiten(a, m, eps=r(0.125), backend=be), (rand(B, T), mask)),
+        "group_advantages": (
+            lambda s, be: rf.group_advantages(s, i(2), eps=r(0.25), backend=be),
+            (rand(B),),
+        ),
+        "aggregate": (lambda x, m, be: rf.aggregate(x, m, SUM_NORM, horizon=i(16), backend=be), (per_token, mask)),
+        "ppo_policy_loss": (
+            lambda x, a, b, m, be: rf.ppo_policy_loss(
+                x, a, b, m, clip_eps=r(0.125), clip_eps_high=r(0.25), dual_clip=r(3.0), agg=SUM_NORM,
+                horizon=r(12.5), loss_scale=r(0.5), backend=be,
+            ),
+            (per_token, rand(B, T), rand(B, T), mask),
+        ),
+        "ppo_value_loss": (
+            lambda x, a, b, m, be: rf.ppo_value_loss(
+                x, a, b, m, clip_eps=r(0.25), agg=SUM_NORM, horizon=i(9), loss_scale=r(2.0), backend=be
+            ),
+            (per_token, rand(B, T), rand(B, T), mask),
+        ),
+        "ppo_loss_from_logits": (
+            lambda x, y, a, b, m, ref, be: rf.ppo_loss_from_logits(
+                x, y, a, b, m, ref_logprobs=ref, temperature=r(0.75), clip_eps=r(0.125), clip_eps_high=r(0.25),
+                dual_clip=r(3.0), kl_coef=r(0.125), kl_clamp=r(4.0), entropy_coef=r(0.0625), agg=SUM_NORM,
+                horizon=i(8), ignore_index=i(0), loss_scale=r(0.5), backend=be,
+            ),
+            (logits, labels, -rand(B, T).abs(), rand(B, T), mask, -rand(B, T).abs()),
+        ),
+        "dpo_loss": (
+            lambda a, b, c, d, be: rf.dpo_loss(
+                a, b, c, d, beta=r(0.25), loss_type="robust", label_smoothing=r(0.125), backend=be
+            ),
+            (rand(B, grad=True), rand(B), rand(B), rand(B)),
+        ),
+        "dpo_loss/simpo": (
+            lambda a, b, be: rf.dpo_loss(a, b, beta=r(2.0), loss_type="simpo", gamma=r(0.75), backend=be),
+            (rand(B, grad=True), rand(B)),
+        ),
+        "dpo_loss/discopop": (
+            lambda a, b, c, d, be: rf.dpo_loss(a, b, c, d, loss_type="discopop", discopop_tau=r(0.125), backend=be),
+            (rand(B, grad=True), rand(B), rand(B), rand(B)),
+        ),
+        "dpo_loss_from_logits": (
+            lambda x, y, m, a, b, be: rf.dpo_loss_from_logits(
+                x, y, m, a, b, beta=r(0.5), temperature=r(0.75), ignore_index=i(0), backend=be
+            ),
+            (logits, labels, mask, rand(B // 2), rand(B // 2)),
+        ),
+    }
+    return cases[name]
+
+
+_HYPER_OPS = (*(n for n in rlhf_fast._EXPORTS if n[0].islower()), "dpo_loss/simpo", "dpo_loss/discopop")
+
+
+@pytest.mark.parametrize("name", _HYPER_OPS)
+def test_numpy_scalar_hyper_parameters_equal_python_numbers_on_every_path(name):
+    """Sweeps and schedules often hand over numpy scalars (np.linspace, an array's .min()):
+    numpy.float32 / numpy.int64 hyper-parameters give exactly what the same Python numbers give,
+    on every path, gradients included (they raised "must be a real number, got float32")."""
+    op = name.split("/")[0]
+    for backend in (*_usable_kernels(op), "reference"):
+        results = []
+        for real, integer in ((float, int), (np.float32, np.int64)):
+            fn, args = _every_hyper_parameter_case(name, real, integer, torch.Generator().manual_seed(12))
+            outs = _flat_tensors(fn(*args, backend))
+            results.append(outs + _grads_of_sum(outs, [a for a in args if a.requires_grad]))
+        torch.testing.assert_close(results[1], results[0], atol=0, rtol=0, msg=lambda m: f"{backend}: {m}")
+
+
+def test_numpy_bools_and_tensors_are_still_not_hyper_parameters():
+    """numpy.bool_ is no number, as bool is not; a tensor would cost a host sync per call."""
+    x, m = torch.zeros(1, 2), torch.ones(1, 2)
+    for bad in (np.bool_(True), True, torch.tensor(0.2)):
+        with pytest.raises(TypeError, match="clip_eps must be a real number"):
+            rlhf_fast.ppo_policy_loss(x, x, x, m, clip_eps=bad)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        rlhf_fast.logprobs(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), ignore_index=np.float32(0))
+    with pytest.raises(ValueError, match="horizon must be a finite number"):
+        rlhf_fast.aggregate(x, m, "seq-mean-token-sum-norm", horizon=np.bool_(True))
 
 
 @pytest.fixture
