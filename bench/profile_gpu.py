@@ -70,7 +70,7 @@ def profile_case(case, device, timer, bandwidth) -> str:
     step = bench.make_step(
         spec, functools.partial(spec.call, fast_fn), bench._leaves(spec, inputs, case.mode), case.mode
     )
-    floor_ms = spec.bytes_moved(case.shape, case.dtype, case.mode) / bandwidth * 1e3
+    floor_ms, floor_note = bench.case_floor(spec, case, inputs, timer, bandwidth)
     ms, reps, _ = timer.measure(step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -81,7 +81,7 @@ def profile_case(case, device, timer, bandwidth) -> str:
     lines = [
         f"## {case.label}  (backend {backend})",
         (
-            f"floor {floor_ms:.4g} ms (bytes moved / copy bandwidth), step median {ms:.4g} ms over {reps} "
+            f"floor {floor_ms:.4g} ms ({floor_note or 'bytes moved / copy bandwidth'}), step median {ms:.4g} ms over {reps} "
             f"reps = {floor_ms / ms:.2f} of the floor; the table covers {STEPS} steps"
         ),
         kernel_table(prof, device.type == "cuda"),

@@ -73,7 +73,8 @@ KERNEL_CHECK_MAX_ELEMS = 2**15
 # name -> callable used instead of rlhf_fast.<name> (same signature, backend= included).
 FAST_OVERRIDES: dict[str, Callable] = {}
 
-# "no-pdl": a column of the 2026-11-23 H100 report (the split launch, then named for PDL=0).
+# "no-pdl": the split launch's column under its older name (commits a96c60b to 9d4c6d3; no committed
+# report has it), kept so that --merge still reads a JSON written then.
 PEER_ORDER = ("rlhf_fast", "eager", "compile", "inplace", "triton-rows", "pdl", "split", "no-pdl", "liger", "cce")
 PEER_TITLES = {
     "rlhf_fast": "rlhf_fast",
@@ -479,6 +480,16 @@ def run_kernel_check(spec: OpSpec, case: Case, inputs: dict, device: torch.devic
     return result
 
 
+def case_floor(spec, case: Case, inputs, timer: Timer, bandwidth: float) -> tuple[float, str]:
+    """(floor in ms, note) of a case: bytes moved / copy bandwidth, or for a compute-bound op
+    floor_work_repeats x the measured time of its floor_work (bench/profile_gpu.py uses it too)."""
+    if spec.floor_work is not None:
+        with torch.no_grad():
+            work_ms, _, _ = timer.measure(functools.partial(spec.floor_work, inputs))
+        return spec.floor_work_repeats * work_ms, f"{spec.floor_work_repeats} x measured matmul"
+    return spec.bytes_moved(case.shape, case.dtype, case.mode) / bandwidth * 1e3, ""
+
+
 def run_case(case: Case, args, device: torch.device, timer: Timer, bandwidth: float) -> CaseResult:
     spec = SPECS[case.op]
     result = CaseResult(case)
@@ -487,14 +498,7 @@ def run_case(case: Case, args, device: torch.device, timer: Timer, bandwidth: fl
     gen.manual_seed(zlib.crc32(case.label.encode()))
     inputs = spec.make_inputs(case.shape, case.dtype, device, gen)
 
-    # Floor
-    if spec.floor_work is not None:
-        with torch.no_grad():
-            work_ms, _, _ = timer.measure(functools.partial(spec.floor_work, inputs))
-        result.floor_ms = spec.floor_work_repeats * work_ms
-        result.floor_note = f"{spec.floor_work_repeats} x measured matmul"
-    else:
-        result.floor_ms = result.bytes_moved / bandwidth * 1e3
+    result.floor_ms, result.floor_note = case_floor(spec, case, inputs, timer, bandwidth)
 
     # rlhf_fast: look up, check against the reference, time
     fast_fn, result.backend, why = lookup_fast(spec, args.backend, device)

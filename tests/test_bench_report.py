@@ -314,6 +314,23 @@ def test_check_on_a_subset(op):
     assert result.status == "ok", result.note
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dpo_from_logits_floor_counts_only_the_rows_the_kernels_read(dtype):
+    """The case masks each sequence's prompt; the kernels read no masked row (forward or backward)
+    but write the whole gradient. A floor that counted every row was 20 % too high, which made the
+    H100 run look faster than its floor (1.17)."""
+    spec = _bench_cases.SPECS["dpo_from_logits"]
+    shape = (4, 16, 64)
+    B2, T, V = shape
+    inputs = spec.make_inputs(shape, dtype, torch.device("cpu"), torch.Generator().manual_seed(0))
+    counted_rows = int(inputs["mask"].sum())
+    assert 0 < counted_rows < B2 * T
+    row_bytes = V * dtype.itemsize
+    labels_and_mask = B2 * T * (inputs["labels"].element_size() + inputs["mask"].element_size())
+    want = 2 * counted_rows * row_bytes + B2 * T * row_bytes + labels_and_mask  # 2 reads, 1 write
+    assert spec.bytes_moved(shape, dtype, "fwd+bwd") == want
+
+
 # ----------------------------------------------------------------------------------------------
 # The issues' targets table (printed on GPU runs)
 
