@@ -80,7 +80,14 @@ TARGETS: tuple[Target, ...] = (
     _memory_target(
         4, "ppo_loss_from_logits: no [N, V] buffer besides the gradient", "ppo_from_logits", (8, 2048, 128256)
     ),
+    # The issue states both: >= 70 % of copy bandwidth, and <= 0.08 ms (its H100 translation). Both
+    # are judged, so a faster or slower copy bandwidth than the issue assumed cannot turn a miss
+    # into a "met" on one of them.
     Target(4, "per-token PPO loss fwd+bwd <= 0.08 ms", "ppo_policy_loss", (1024, 8192), "fwd+bwd", _F32, "ms", 0.08),
+    Target(
+        4, "per-token PPO loss fwd+bwd >= 70 % of copy bandwidth", "ppo_policy_loss", (1024, 8192), "fwd+bwd",
+        _F32, "floor_frac", 0.70,
+    ),
     Target(4, "gae <= 0.1 ms", "gae", (1024, 4096), "fwd", _F32, "ms", 0.1),
     Target(
         5, "dpo_loss_from_logits fwd+bwd <= 10 ms (1.2 x floor)", "dpo_from_logits", (16, 2048, 128256), "fwd+bwd",
