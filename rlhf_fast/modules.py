@@ -44,9 +44,10 @@ class PPOLoss(nn.Module):
         from rlhf_fast.ppo_from_logits import _check_hyper
 
         # A bad setting fails here, where the config is written, not at the first step after a rollout.
+        # loss_scale=None: only valid if every forward passes its own (as before these checks).
         _check_hyper(
             temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
-            ignore_index, loss_scale,
+            ignore_index, 1.0 if loss_scale is None else loss_scale,
         )
         check_backend("ppo_loss_from_logits", backend)
         self.kwargs = dict(
@@ -114,10 +115,10 @@ class DPOLoss(nn.Module):
         from rlhf_fast._backend import check_backend, check_float, check_int
         from rlhf_fast.dpo import _check_hyper
 
-        # As PPOLoss: a bad setting fails at construction.
-        _check_hyper(beta, loss_type, label_smoothing, gamma, discopop_tau)
+        # As PPOLoss: a bad setting fails at construction (in dpo_loss_from_logits' order).
         check_float("temperature", temperature, low=0.0, low_inclusive=False)
         check_int("ignore_index", ignore_index)
+        _check_hyper(beta, loss_type, label_smoothing, gamma, discopop_tau)
         check_backend("dpo_loss_from_logits", backend)
         self.kwargs = dict(
             beta=beta,

@@ -296,12 +296,16 @@ class _InplaceBackward(torch.autograd.Function):
 # Public function
 
 
+_REF_NOT_KNOWN_YET = object()  # PPOLoss at construction: ref_logprobs comes with each forward
+
+
 def _check_hyper(
     temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
-    ignore_index, loss_scale,
+    ignore_index, loss_scale, ref_logprobs=_REF_NOT_KNOWN_YET,
 ):
-    """The hyper-parameter checks of ppo_loss_from_logits (no tensors needed, so PPOLoss runs them
-    at construction too). Returns temperature, clip_eps, clip_eps_high (clip_eps where None),
+    """The hyper-parameter checks of ppo_loss_from_logits, in its order (none needs a tensor but
+    the kl_coef / ref_logprobs pairing, skipped where ref_logprobs is not known yet: PPOLoss runs
+    the rest at construction). Returns temperature, clip_eps, clip_eps_high (clip_eps where None),
     dual_clip, kl_coef, kl_clamp, entropy_coef and loss_scale as floats, then horizon and
     ignore_index (None kept; numpy scalars as Python numbers)."""
     temperature = check_float("temperature", temperature, low=0.0, low_inclusive=False)
@@ -310,6 +314,8 @@ def _check_hyper(
     if dual_clip is not None:
         dual_clip = check_float("dual_clip", dual_clip, low=1.0, low_inclusive=False)
     kl_coef = check_float("kl_coef", kl_coef)
+    if ref_logprobs is not _REF_NOT_KNOWN_YET:
+        reference.check_kl_term(kl_coef, ref_logprobs)
     kl_clamp = check_float("kl_clamp", kl_clamp, low=0.0, allow_none=True)
     entropy_coef = check_float("entropy_coef", entropy_coef)
     loss_scale = check_loss_scale(loss_scale)
@@ -437,9 +443,8 @@ def ppo_loss_from_logits(
     (temperature, clip_eps, clip_high, dual_clip, kl_coef, kl_clamp, entropy_coef, loss_scale, horizon,
      ignore_index) = _check_hyper(
         temperature, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_kind, kl_clamp, entropy_coef, agg, horizon,
-        ignore_index, loss_scale,
+        ignore_index, loss_scale, ref_logprobs,
     )
-    reference.check_kl_term(kl_coef, ref_logprobs)
 
     impl = resolve(
         "ppo_loss_from_logits", backend, device, logits, labels, old_logprobs, advantages, mask, ref_logprobs

@@ -66,6 +66,7 @@ PPO_BAD_SETTINGS = [
     dict(loss_scale=0.0),
     dict(backend="tritn"),
     dict(backend="cpp"),  # this op has no C++ kernel
+    dict(kl_clamp=-1.0, temperature=0.0),  # two bad settings: the same one is reported first
 ]
 DPO_BAD_SETTINGS = [
     dict(loss_type="sigmod"),
@@ -76,6 +77,8 @@ DPO_BAD_SETTINGS = [
     dict(temperature=-1.0),
     dict(ignore_index=None),
     dict(backend="cpp"),
+    dict(beta=0.0, temperature=-1.0),  # two bad settings: the same one is reported first
+    dict(loss_type="nope", ignore_index=None),
 ]
 
 
@@ -136,3 +139,22 @@ def test_modules_accept_every_valid_setting_and_survive_copies():
     ):
         module = rlhf_fast.DPOLoss(**kw)
         assert pickle.loads(pickle.dumps(module)).kwargs == module.kwargs
+
+
+def test_check_order_and_per_call_loss_scale_are_as_before():
+    """A nonzero kl_coef without ref_logprobs is still reported before the later settings' errors
+    (it was, before the checks were shared with PPOLoss); PPOLoss(loss_scale=None) still builds,
+    for a loop that passes its loss_scale to every forward."""
+    B, T, V = 2, 3, 11
+    logits = torch.randn(B, T, V, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    old, adv = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        rlhf_fast.ppo_loss_from_logits(logits, labels, old, adv, mask, kl_coef=0.1, kl_clamp=-1.0)
+    module = rlhf_fast.PPOLoss(loss_scale=None, backend="reference")
+    loss, _ = module(logits, labels, old, adv, mask, loss_scale=2.0)
+    want, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old, adv, mask, loss_scale=2.0, backend="reference")
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(TypeError, match="loss_scale must be a real number"):
+        module(logits, labels, old, adv, mask)
