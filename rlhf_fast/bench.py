@@ -141,7 +141,7 @@ class CaseResult:
 
 class Timer:
     """Median time of fn() in ms. CUDA: events around each rep, L2 flushed before each by reading
-    a 256 MB buffer (a read, not a zero_: zeroing would leave ~50 MB of dirty lines in L2 whose
+    a 256 MiB buffer (a read, not a zero_: zeroing would leave ~50 MB of dirty lines in L2 whose
     write-back the timed op would then pay for, ~17 us at 3 TB/s); for a call shorter than
     QUEUE_BELOW_S the GPU is first held by a spin kernel long enough for the host to queue every
     rep, so the events time the GPU work, not the host's launch overhead (in a training step the
@@ -221,7 +221,7 @@ class Timer:
 def copy_bandwidth(device: torch.device) -> tuple[float, str]:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written), measured now."""
     if device.type == "cuda":
-        n = 2**30 // 4  # 1 GB of fp32
+        n = 2**30 // 4  # 1 GiB of fp32
         src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
         dst = torch.empty_like(src)
         for _ in range(3):
@@ -237,8 +237,8 @@ def copy_bandwidth(device: torch.device) -> tuple[float, str]:
             times.append(s.elapsed_time(e) / 1e3)
         nbytes = 2 * src.numel() * 4
         del src, dst
-        return nbytes / statistics.median(times), "copy of a 1 GB device buffer"
-    n = 64 * 2**20 // 4  # 64 MB: well past the caches
+        return nbytes / statistics.median(times), "copy of a 1 GiB device buffer"
+    n = 64 * 2**20 // 4  # 64 MiB: well past the caches
     src = torch.ones(n, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -247,7 +247,7 @@ def copy_bandwidth(device: torch.device) -> tuple[float, str]:
         t0 = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(times), f"copy of a 64 MB tensor, {torch.get_num_threads()} threads"
+    return 2 * n * 4 / statistics.median(times), f"copy of a 64 MiB tensor, {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,7 +778,7 @@ LEGEND = (
     "ms: median time (fwd+bwd = forward and backward). floor ms: bytes the op must move (the op's "
     "bytes-moved model) / the copy bandwidth above (linear_logprobs: 3 x one matmul). floor frac: floor / "
     "rlhf_fast time (1.0 = at the floor). extra GB: peak memory above the inputs (GPU only; the "
-    "256 MB L2-flush buffer is not counted). max err: max |rlhf_fast - reference| over outputs "
+    "256 MiB L2-flush buffer is not counted). max err: max |rlhf_fast - reference| over outputs "
     "and gradients; FAIL when above the per-dtype tolerance (atol x max|ref| + rtol x |ref|). "
     "triton err (CPU runs): the same check of the op's Triton kernel under TRITON_INTERPRET=1 on a "
     "small slice, since backend auto picks the reference (or C++) for CPU tensors. On CPU the small "
