@@ -18,7 +18,6 @@ from rlhf_fast import reference
 from rlhf_fast._backend import (
     FLOAT_DTYPES,
     check_float,
-    check_int,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -29,7 +28,7 @@ from rlhf_fast._backend import (
 
 __all__ = ["GROUP_METHODS", "discounted_returns", "gae", "group_advantages", "masked_whiten"]
 
-GROUP_METHODS = ("grpo", "dr_grpo", "rloo")
+GROUP_METHODS = reference.GROUP_METHODS
 
 register_op("gae", cpp=True)
 register_op("discounted_returns", cpp=True)
@@ -247,13 +246,7 @@ def group_advantages(
         fp32 [B], without gradient.
     """
     check_tensor("scores", scores, dtypes=FLOAT_DTYPES, ndim=1)
-    if method not in GROUP_METHODS:
-        raise ValueError(f"method={method!r} is not one of {GROUP_METHODS}")
-    group_size = check_int("group_size", group_size, low=1)
-    if method in ("grpo", "rloo") and group_size < 2:
-        raise ValueError(f"group_size must be >= 2 for method={method!r}, got {group_size}")
-    if scores.shape[0] % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide the number of scores ({scores.shape[0]})")
+    group_size = reference.check_group_args(scores.shape[0], group_size, method)
     eps = check_float("eps", eps, low=0.0)
     resolve("group_advantages", backend, scores.device)
     return reference.group_advantages(scores.detach(), group_size, method=method, eps=eps).to(torch.float32)

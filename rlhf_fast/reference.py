@@ -19,7 +19,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast._backend import custom_ops_untransformable
+from rlhf_fast._backend import check_int, custom_ops_untransformable
 
 __all__ = [
     "logprobs",
@@ -376,6 +376,23 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     return white
 
 
+GROUP_METHODS = ("grpo", "dr_grpo", "rloo")
+
+
+def check_group_args(n_scores, group_size, method):
+    """Validate group_advantages' method and group_size for n_scores scores (the kernel-free public
+    op and this reference alike: a group of one has no std / no other rows, which would be NaN).
+    Returns group_size (a numpy integer as a Python int)."""
+    if method not in GROUP_METHODS:
+        raise ValueError(f"method={method!r} is not one of {GROUP_METHODS}")
+    group_size = check_int("group_size", group_size, low=1)
+    if method in ("grpo", "rloo") and group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for method={method!r}, got {group_size}")
+    if n_scores % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide the number of scores ({n_scores})")
+    return group_size
+
+
 def group_advantages(scores, group_size, *, method="grpo", eps=1e-6):
     """Outcome advantages for [B] scores in groups of `group_size` consecutive rows.
 
@@ -383,8 +400,7 @@ def group_advantages(scores, group_size, *, method="grpo", eps=1e-6):
     2025): r - mean; rloo (Ahmadian et al. 2024): r - mean of the other rows of the group.
     Returns fp32 [B].
     """
-    if method not in ("grpo", "dr_grpo", "rloo"):
-        raise ValueError(f"method={method!r} is not one of ('grpo', 'dr_grpo', 'rloo')")
+    group_size = check_group_args(scores.shape[0], group_size, method)
     dt = _compute_dtype(scores)
     if scores.numel() == 0:  # (std over no groups warns "degrees of freedom <= 0")
         return scores.to(dt).reshape(-1)

@@ -185,6 +185,20 @@ def test_group_advantages_compile():
     torch.testing.assert_close(compiled(scores), rlhf_fast.group_advantages(scores, 3, method="rloo"))
 
 
+def test_group_advantages_reference_refuses_bad_groups_as_the_op_does():
+    """rlhf_fast.reference.group_advantages, called directly, gave NaN (and a torch warning) for a
+    grpo / rloo group of one and reshaped errors for a size that does not divide: it now raises
+    what the public op raises."""
+    scores = torch.randn(12)
+    for group_size, method in ((1, "grpo"), (1, "rloo"), (5, "grpo"), (0, "dr_grpo"), (4, "ppo"), (4.0, "grpo")):
+        errors = []
+        for fn in (rlhf_fast.group_advantages, reference.group_advantages):
+            with pytest.raises((ValueError, TypeError)) as info:
+                fn(scores, group_size, method=method)
+            errors.append((info.type, str(info.value)))
+        assert errors[0] == errors[1], (group_size, method, errors)
+
+
 def test_group_advantages_bad_input():
     scores = torch.randn(12)
     with pytest.raises(ValueError, match="group_size"):
