@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE, INTERPRETED
 
+import rlhf_fast
 from rlhf_fast import reference as R
 
 torch.manual_seed(0)
@@ -520,6 +522,39 @@ def test_trl_two_sided_clipping_delta_is_dual_clip(agg):
     (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, trl, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_importance_sampling_weights_go_into_the_advantages(backend):
+    """The README's recipe for a vLLM importance-sampling correction (TRL, verl, OpenRLHF weight the
+    clipped per-token policy loss by w >= 0, then token-mean over the mask): advantages * w gives
+    the same loss and gradient, dual clip included, while mask * w would change the divisor."""
+    if backend == "triton" and not (INTERPRETED or torch.cuda.is_available()):
+        pytest.skip("needs the Triton kernels")
+    g = torch.Generator().manual_seed(9)
+    B, T = 6, 40
+    lp = (torch.randn(B, T, generator=g) * 0.5 - 2).requires_grad_()
+    old = lp.detach() + torch.randn(B, T, generator=g) * 0.4
+    adv = torch.randn(B, 1, generator=g).expand(B, T)
+    m = (torch.rand(B, T, generator=g) > 0.2).float()
+    w = torch.rand(B, T, generator=g).clamp(max=0.8) * 2  # truncated IS weights in [0, 1.6]
+    eps_lo, eps_hi, dual = 0.2, 0.28, 3.0
+    ratio = torch.exp(lp - old)
+    per_token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_lo, 1 + eps_hi))
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -dual * adv), per_token)
+    want = (per_token * w * m).sum() / m.sum()
+    (want_grad,) = torch.autograd.grad(want, lp)
+    x = lp.detach().clone().requires_grad_()
+    loss, _ = rlhf_fast.ppo_policy_loss(
+        x.to(DEVICE), old.to(DEVICE), (adv * w).to(DEVICE), m.to(DEVICE), clip_eps=eps_lo, clip_eps_high=eps_hi,
+        dual_clip=dual, backend=backend,
+    )
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss.cpu(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-5, atol=1e-7)
+    wrong, _ = rlhf_fast.ppo_policy_loss(x.detach(), old, adv, m * w, clip_eps=eps_lo, clip_eps_high=eps_hi,
+                                         dual_clip=dual, backend="reference")
+    assert not torch.allclose(wrong, want, rtol=1e-3)
 
 
 def test_zero_safe_exp_second_order_and_vmap():
