@@ -190,7 +190,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", *, clam
         kind: see above; default "k1".
         clamp: None (default) or c >= 0: clamp the result to [-c, c] (verl clamps low_var_kl to
             [-10, 10]); the gradient is 0 where the unclamped value lies outside [-c, c] (not for
-            the "+" kinds: their k2 gradient is never clamped, as in verl).
+            the straight-through kinds k1+, k3+, abs+: their k2 gradient is never clamped, as in
+            verl; k2+ / mse+ are k2 itself, clamped like it).
         backend: None/"auto", "triton" or "reference" (see rlhf_fast._backend).
     Returns:
         fp32 tensor of logprobs' shape. Differentiable w.r.t. both inputs (d/dref = -d/dlogp);

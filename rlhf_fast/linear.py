@@ -312,10 +312,10 @@ def linear_logprobs(
 
     Args:
         hidden: [..., H] fp32/bf16/fp16 (the LM's last hidden states).
-        weight: [V, H] (the LM head); cast to hidden's dtype for the matmul (its gradient comes
-            back in its own dtype). bias: [V] or None (likewise). Under ``torch.autocast`` all
-            three are cast to the autocast dtype instead, as ``F.linear`` would be, forward and
-            backward alike.
+        weight: [V, H] (the LM head); on the kernel path cast to hidden's dtype for the matmul
+            (the reference computes the logits in fp32); its gradient comes back in its own
+            dtype. bias: [V] or None (likewise). Under ``torch.autocast`` all three are cast to
+            the autocast dtype instead, as ``F.linear`` would be, forward and backward alike.
         labels: [...] int64/int32, aligned with hidden (no shift inside); ignore_index -> 0.
         temperature (> 0), ignore_index, return_entropy: as in `rlhf_fast.logprobs`.
         backend: None/"auto" (CUDA -> "triton", CPU -> "reference"), "triton", "reference".

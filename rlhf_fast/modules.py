@@ -31,7 +31,7 @@ class PPOLoss(nn.Module):
         kl_kind: str = "k3",
         entropy_coef: float = 0.0,
         agg: str = "token-mean",
-        horizon: int | None = None,
+        horizon: float | None = None,
         temperature: float = 1.0,
         ignore_index: int = -100,
         inplace_backward: bool = False,

@@ -355,7 +355,7 @@ def ppo_policy_loss(
 
 def ppo_value_loss(
     values: Tensor,
-    old_values: Tensor,
+    old_values: Tensor | None,
     returns: Tensor,
     mask: Tensor,
     *,
@@ -377,7 +377,7 @@ def ppo_value_loss(
         mask: [B, T] bool, integer or float; 1 = token counts.
         clip_eps: value clip range >= 0 (default 0.2), or None for the unclipped loss
             0.5 (values - returns)^2 (OpenRLHF's ValueLoss(clip_eps=None); old_values is then
-            not used, and vf_clipfrac is 0).
+            not used and may be None, and vf_clipfrac is 0).
         agg, horizon, loss_scale: as in `ppo_policy_loss`.
         backend: None/"auto", "triton" or "reference".
     Returns:
@@ -388,6 +388,10 @@ def ppo_value_loss(
     Backward as in `ppo_policy_loss` (gradient from the forward; a second backward through the
     same graph raises RuntimeError).
     """
+    if old_values is None:  # the unclipped loss does not use them (the reference takes None too)
+        if clip_eps is not None:
+            raise ValueError("old_values is required unless clip_eps=None (the unclipped value loss)")
+        old_values = values.detach()
     _check_inputs(("values", "old_values", "returns"), values, old_values, returns, mask)
     eps = check_float("clip_eps", clip_eps, low=0.0, allow_none=True)
     loss_scale = check_loss_scale(loss_scale)

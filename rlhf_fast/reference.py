@@ -221,7 +221,8 @@ def sequence_logprobs(logits, labels, mask=None, *, average=False, temperature=1
     """Masked sum (or mean) over T of per-token log-probs: logits [B, T, V] -> fp32 [B].
 
     mask [B, T] (None = all ones); ignore_index tokens never count. average=True divides by the
-    number of counted tokens (a row with none gives 0). The DPO trainers' `concatenated_forward`.
+    sum of the mask over counted tokens (their number for a 0/1 mask; a row with none gives 0).
+    The DPO trainers' `concatenated_forward`.
     """
     logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     counted = labels != ignore_index
@@ -597,7 +598,7 @@ def ppo_loss_from_logits(
 
     Returns (loss, stats): logprobs [B, T] (detached), entropy (masked mean), clipfrac,
     approx_kl, ratio_mean, ratio_max, kl (masked mean of the KL term, 0 without ref),
-    policy_loss (aggregated policy term alone). Gradient reaches `logits` only. loss_scale
+    policy_loss (aggregated policy term alone), and dual_clipfrac when dual_clip is set. Gradient reaches `logits` only. loss_scale
     multiplies the loss (hence the gradient), not the stats.
     """
     check_kl_term(kl_coef, ref_logprobs)

@@ -363,9 +363,9 @@ def logprobs(
         logp [...] fp32, or (logp, entropy) [...] fp32 each. Gradients come back in logits.dtype.
 
     A label outside [0, V) that is not ``ignore_index`` is never read out of bounds: its log-prob
-    is NaN (and its gradient row NaN); with ``RLHF_FAST_CHECK=1`` a ValueError is raised instead
-    (costs a host sync). -inf logits (masked vocabulary) are fine; a label whose logit is -inf
-    gets log-prob -inf.
+    is NaN (its gradient row is NaN on the kernel path, 0 on the reference); with
+    ``RLHF_FAST_CHECK=1`` a ValueError is raised instead (costs a host sync). -inf logits (masked
+    vocabulary) are fine; a label whose logit is -inf gets log-prob -inf.
 
     Kernel path: forward reads the logits once; backward reads them once and writes the
     gradient once (1 + 2 passes over [N, V] in all); ignore_index rows (and, in the backward,

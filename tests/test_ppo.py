@@ -594,7 +594,8 @@ def test_value_loss_float_mask_bf16_horizon_and_empty():
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_value_loss_unclipped(agg):
     """clip_eps=None: OpenRLHF's ValueLoss(clip_eps=None), 0.5 (v - R)^2 aggregated; old_values
-    is not read (NaN there changes nothing), vf_clipfrac is 0; eager and compiled."""
+    is not read (NaN there changes nothing; None is accepted, as the docstring says), vf_clipfrac
+    is 0; eager and compiled."""
     values, old_values, returns, mask = _value_case(4, 23, seed=5)
     nan_old = torch.full_like(old_values, float("nan"))
     go = torch.tensor(0.7, device=DEVICE)
@@ -605,16 +606,19 @@ def test_value_loss_unclipped(agg):
         lambda a, b, c, d: rlhf_fast.ppo_value_loss(a, b, c, d, clip_eps=None, agg=agg, backend="triton"),
         fullgraph=True,
     )
-    for backend in ("triton", "reference", "compiled"):
-        x = values.detach().clone().requires_grad_()
-        if backend == "compiled":
-            loss, stats = compiled(x, nan_old, returns, mask)
-        else:
-            loss, stats = rlhf_fast.ppo_value_loss(x, nan_old, returns, mask, clip_eps=None, agg=agg, backend=backend)
-        (grad,) = torch.autograd.grad(loss, x, go)
-        _close(loss, want.detach())
-        _close(grad, want_grad)
-        assert stats["vf_clipfrac"].item() == 0.0, backend
+    for old in (nan_old, None):
+        for backend in ("triton", "reference", "compiled"):
+            x = values.detach().clone().requires_grad_()
+            if backend == "compiled":
+                loss, stats = compiled(x, old, returns, mask)
+            else:
+                loss, stats = rlhf_fast.ppo_value_loss(x, old, returns, mask, clip_eps=None, agg=agg, backend=backend)
+            (grad,) = torch.autograd.grad(loss, x, go)
+            _close(loss, want.detach())
+            _close(grad, want_grad)
+            assert stats["vf_clipfrac"].item() == 0.0, backend
+    with pytest.raises(ValueError, match="old_values is required unless clip_eps=None"):
+        rlhf_fast.ppo_value_loss(values, None, returns, mask)
     # a clip range wider than any difference gives the same numbers
     wide = _run_value(values, old_values, returns, mask, go, "triton", clip_eps=1e6, agg=agg)
     _close(wide[0], want.detach())
