@@ -481,14 +481,12 @@ def check_float(
     bool and non-numbers raise TypeError, NaN/inf and values outside the bounds raise ValueError;
     every message names the argument. `low`/`high` are optional bounds (inclusive by default).
     With allow_none=True, None is accepted and returned as is. Python ints and numpy scalars
-    become floats; a
-    symbolic float (torch.compile with dynamic floats) is checked by comparison and returned
-    unchanged.
+    become floats; a symbolic float (torch.compile with dynamic floats) is checked by comparison
+    and returned unchanged.
     """
     if value is None and allow_none:
         return None
-    if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and _is_real_scalar(value):
-        value = float(value)  # numpy.float32 / int64 and the like (a sweep's np.linspace, say)
+    value = python_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, int):
@@ -503,10 +501,18 @@ def check_float(
     return value
 
 
-def _is_real_scalar(value) -> bool:
-    """numpy's scalars register as numbers.Real (numpy.bool_ does not); tensors are left to the
-    TypeError: a 0-d CUDA tensor as a hyper-parameter would cost a host sync per call."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+def python_number(value):
+    """A numpy scalar (numpy.float32, numpy.int64, a sweep's np.linspace, ...: any numbers.Integral
+    or numbers.Real that is no Python number) as the Python int / float it stands for; anything
+    else unchanged, for the caller's check to refuse (numpy.bool_ is neither; a tensor stays a
+    tensor: as a hyper-parameter a 0-d CUDA tensor would cost a host sync per call)."""
+    if value is None or isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):  # no ABC check
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_int(name: str, value, *, low=None, high=None) -> int:

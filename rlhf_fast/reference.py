@@ -14,12 +14,11 @@ mask [B, T] bool or float, 1 = token counts. Masked positions contribute exactly
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast._backend import check_int, custom_ops_untransformable
+from rlhf_fast._backend import check_int, custom_ops_untransformable, python_number
 
 __all__ = [
     "logprobs",
@@ -428,11 +427,7 @@ def check_agg(agg, horizon=None):
         raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
     if horizon is not None and agg != "seq-mean-token-sum-norm":
         raise ValueError(f"horizon is only used by agg='seq-mean-token-sum-norm', got agg={agg!r}")
-    if horizon is not None and not isinstance(horizon, (int, float)):  # Python numbers: no ABC check
-        if isinstance(horizon, numbers.Integral):
-            horizon = int(horizon)  # numpy.int64 and the like
-        elif isinstance(horizon, numbers.Real):
-            horizon = float(horizon)  # numpy.float32 and the like (numpy.bool_ is neither)
+    horizon = python_number(horizon)
     # bool is an int, and an infinite horizon would make the loss silently 0: both rejected.
     ok = isinstance(horizon, (int, float)) and not isinstance(horizon, bool) and 0 < horizon < math.inf
     if horizon is not None and not ok:
@@ -598,8 +593,8 @@ def ppo_loss_from_logits(
 
     Returns (loss, stats): logprobs [B, T] (detached), entropy (masked mean), clipfrac,
     approx_kl, ratio_mean, ratio_max, kl (masked mean of the KL term, 0 without ref),
-    policy_loss (aggregated policy term alone), and dual_clipfrac when dual_clip is set. Gradient reaches `logits` only. loss_scale
-    multiplies the loss (hence the gradient), not the stats.
+    policy_loss (aggregated policy term alone), and dual_clipfrac when dual_clip is set. Gradient
+    reaches `logits` only. loss_scale multiplies the loss (hence the gradient), not the stats.
     """
     check_kl_term(kl_coef, ref_logprobs)
     logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
