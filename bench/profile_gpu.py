@@ -81,8 +81,8 @@ def profile_case(case, device, timer, bandwidth) -> str:
     lines = [
         f"## {case.label}  (backend {backend})",
         (
-            f"floor {floor_ms:.4g} ms ({floor_note or 'bytes moved / copy bandwidth'}), step median {ms:.4g} ms over {reps} "
-            f"reps = {floor_ms / ms:.2f} of the floor; the table covers {STEPS} steps"
+            f"floor {floor_ms:.4g} ms ({floor_note or 'bytes moved / copy bandwidth'}), step median {ms:.4g} ms "
+            f"over {reps} reps = {floor_ms / ms:.2f} of the floor; the table covers {STEPS} steps"
         ),
         kernel_table(prof, device.type == "cuda"),
         "",
