@@ -41,8 +41,8 @@
 # Python files always come from the tree). Otherwise they rebuild for sm_90.
 # If `build` reports the sm_90 cluster kernel of ppo_loss_from_logits broken (tests-cluster.log),
 # run the later stages with RLHF_FAST_PPO_CLUSTER=0 in front (the Triton rows) and fix it after;
-# if it reports the per-token PPO loss's fused launch broken (tests-fused.log), the same with
-# RLHF_FAST_PPO_LAUNCH=split in front.
+# if it reports the per-token PPO loss's opt-in fused launch broken (tests-fused.log), leave the
+# default (split) as it is and fix the fused launch before timing it.
 #
 # Peers missing on the device image (liger-kernel, cut-cross-entropy) travel as wheels in ./.whl
 # (see the device tool's README: `pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -117,8 +117,8 @@ build_and_test() {
   # Kernels whose bugs would hang rather than fail run first, bounded (run_first), and are left out
   # of the whole-suite run below, so one broken kernel neither stalls nor hides the others' results:
   # the sm_90 cluster kernel of ppo_loss_from_logits (a cluster barrier), falling back to the
-  # Triton rows; and the per-token PPO loss's fused launch (its programs wait for each other
-  # inside the kernel), falling back to the split launches.
+  # Triton rows; and the per-token PPO loss's opt-in fused launch (its programs wait for each other
+  # inside the kernel); the split launches are the default already, so that fallback only pins it.
   run_first "$OUT/tests-cluster.log" 180 RLHF_FAST_PPO_CLUSTER=0 tests/test_ppo_from_logits_cluster.py
   local fused_tests="fused or schedule or large_gpu" fused_ids id deselect=()
   mapfile -t fused_ids < <(python3 -m pytest tests/test_ppo.py -q --co -p no:cacheprovider -k "$fused_tests" 2>/dev/null \

@@ -32,22 +32,27 @@ after its stores; the one that sees n_programs - 1 does the reduction. Both phas
 kernel, `_ppo_fwd_kernel`, as grid-stride loops, and are launched one of three ways
 (`launch_schedule`; with the same tile every way gives the same bits, and each way is
 deterministic):
-  fused (CUDA default): ONE cooperative launch of as many programs as fit on the GPU at once;
+  fused (opt-in, RLHF_FAST_PPO_LAUNCH=fused): ONE cooperative launch of as many programs as fit on the GPU at once;
      between the phases every program waits for a flag that the last counting program sets
      once the row scales are stored (each program loads its first tile and computes its terms
      before it waits). One launch (plus the memset of a small work buffer), no gap between the
      phases, and the mask's second read right after its first (L2; the loss phase walks the
      tiles in the opposite order to the count phase, so the rows counted last are read again
      first). Its own tile (_FUSED_TILE): a looping program's registers set how many fit on an SM.
-  pdl (sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it starts
+  pdl (opt-in, sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it starts
      once every COUNT program has started, loads its inputs and computes the per-token terms,
      and waits (griddepcontrol.wait) only before it reads the row scales.
-  split (CPU, the interpreter, a refused cooperative launch): COUNT, then LOSS_PASS.
+  split (the default everywhere; also where fused / pdl cannot run): COUNT, then LOSS_PASS.
+Why split is the default: it is the schedule that has run on a GPU (the whole suite and the
+benchmark on an H100, 2026-11-23). fused and pdl have only been compiled for sm_90 and run in the
+interpreter (fused with one program); a grid-wide wait that misbehaves on hardware would hang or
+read row scales early, so they stay opt-in until a GPU run checks them bit for bit against split
+(tests/test_ppo.py's *_gpu schedule tests) and times them (bench/gpu_session.sh).
 On an H100 (2026-11-23, split, the only schedule measured so far) the mask pass took 19.9 us and
 the loss pass 59.6 us of a 85 us step, the loss pass at 95 % of its traffic floor: the
 serialisation, the ramp and tail of the short mask pass, and the launch gap, not the traffic,
-are what the fused and pdl schedules take back (the benchmark times all three side by side;
-RLHF_FAST_PPO_LAUNCH picks one).
+are what the fused and pdl schedules are built to take back (the benchmark times all three side
+by side; RLHF_FAST_PPO_LAUNCH picks one).
 Backward scales the saved gradient in place by grad_output with the shared in-place kernel of
 rlhf_fast.kernels.ppo_from_logits (`scale_grad_`): every program loads grad_output from its pointer
 and returns at once when it is 1, so the common `loss.backward()` moves no [B, T] bytes and never
@@ -552,12 +557,12 @@ def _sm_count(device_index: int) -> int:
 def launch_schedule(device: torch.device) -> str:
     """How the forward is launched for tensors on `device`:
 
-    "fused": one cooperative launch; the programs wait for the row scales inside the kernel
-        (the default on CUDA);
-    "pdl": the count launch, then the loss launch with programmatic dependent launch (sm_90+);
-    "split": the count launch, then the loss launch after it has finished.
+    "split": the count launch, then the loss launch after it has finished (the default: the
+        only schedule run on a GPU so far, see the module docstring);
+    "fused": one cooperative launch; the programs wait for the row scales inside the kernel;
+    "pdl": the count launch, then the loss launch with programmatic dependent launch (sm_90+).
 
-    RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is fused). CPU tensors,
+    RLHF_FAST_PPO_LAUNCH=auto|fused|pdl|split chooses (auto, the default, is split). CPU tensors,
     TRITON_INTERPRET (the interpreter runs programs one after another: no grid-wide wait, no
     griddepcontrol) and ROCm always run split; so do pdl before sm_90 and fused where the driver
     refused the cooperative launch. The gradient is the same bits every way; the loss and stats
@@ -567,8 +572,10 @@ def launch_schedule(device: torch.device) -> str:
         raise ValueError(f"{LAUNCH_ENV}={choice!r}: expected one of auto, fused, pdl, split")
     if device.type != "cuda" or triton_interpreting() or torch.version.hip is not None:
         return "split"  # (ROCm: Triton drops the cooperative flag silently where unsupported)
+    if choice in ("auto", "split"):
+        return "split"
     index = _device_index(device)
-    if choice in ("auto", "fused"):
+    if choice == "fused":
         return "split" if index in _NO_FUSED else "fused"
     if choice == "pdl" and _device_capability(index)[0] < 9:
         return "split"

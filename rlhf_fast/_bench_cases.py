@@ -497,8 +497,8 @@ def _eager_ppo_policy(inp):
 
 def _rlhf_launch(schedule):
     # rlhf_fast's per-token PPO forward launched another way (RLHF_FAST_PPO_LAUNCH, kernels/ppo.py)
-    # next to the default (fused: one cooperative launch): "pdl" (two launches, the second with
-    # programmatic dependent launch, sm_90+) and "split" (two launches, one after the other),
+    # next to the default (split: two launches, one after the other): "fused" (one cooperative
+    # launch) and "pdl" (two launches, the second with programmatic dependent launch, sm_90+),
     # measured in the same run. Not run where that schedule would not run as such.
     def factory():
         import rlhf_fast
@@ -506,7 +506,9 @@ def _rlhf_launch(schedule):
 
         with launch_mode(schedule):
             if launch_schedule(torch.device("cuda", torch.cuda.current_device())) != schedule:
-                raise RuntimeError(f"the {schedule} launch does not run here (pdl needs sm_90+)")
+                raise RuntimeError(
+                    f"the {schedule} launch does not run here (pdl needs sm_90+; fused a cooperative launch)"
+                )
 
         def forward(inp):
             with launch_mode(schedule):
@@ -754,10 +756,11 @@ _add(
         output_names=("loss",),
         bytes_moved=_ppo_policy_bytes,
         peers={"eager": _eager_ppo_policy, "compile": _eager_ppo_policy},
-        gpu_peers={"pdl": _rlhf_launch("pdl"), "split": _rlhf_launch("split")},
+        gpu_peers={"fused": _rlhf_launch("fused"), "pdl": _rlhf_launch("pdl")},
         subset=_leading_rows_subset,
-        notes="rlhf_fast: one cooperative launch (fused); pdl / split: RLHF_FAST_PPO_LAUNCH=pdl (mask pass, "
-        "then the loss pass with programmatic dependent launch) / =split (the two one after the other)",
+        notes="rlhf_fast: the default split launches (mask pass, then loss pass); fused / pdl: "
+        "RLHF_FAST_PPO_LAUNCH=fused (one cooperative launch) / =pdl (the loss pass with programmatic "
+        "dependent launch)",
     )
 )
 _add(

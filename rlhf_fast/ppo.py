@@ -11,8 +11,9 @@ a row scale s_b that depends on the mask alone, so the forward first reduces the
 scales (one cheap pass over the mask), then reads each input once and writes the FINAL per-token
 gradient (in the input's dtype) plus per-tile partial sums, which the last program to finish
 reduces in a fixed order (deterministic; atomics only on arrival counters) into the loss and the
-stats. On CUDA both passes run in one cooperative launch (plus a small memset); elsewhere, or with
-RLHF_FAST_PPO_LAUNCH=pdl|split, as two launches; each is deterministic.
+stats. The two passes are two launches, one after the other (the schedule measured on an H100);
+RLHF_FAST_PPO_LAUNCH=fused (one cooperative launch) or =pdl (programmatic dependent launch,
+sm_90+) are opt-in schedules not yet run on a GPU; each is deterministic.
 The backward only multiplies that gradient by grad_output, in place, and does no work at all
 (no host sync either) when grad_output == 1. Hence a second backward through the same graph
 (retain_graph=True) raises RuntimeError: the saved gradient was already handed out (and scaled).

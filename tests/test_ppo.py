@@ -681,7 +681,8 @@ def test_policy_loss_large_gpu():
 def test_launch_schedule_switch(monkeypatch):
     """CPU tensors and the interpreter always run split (the interpreter runs programs one after
     another: a grid-wide wait would hang and griddepcontrol does not exist); on CUDA the default
-    is fused, RLHF_FAST_PPO_LAUNCH picks, pdl needs sm_90+, and a bad value is an error."""
+    is split (the schedule that has run on a GPU), RLHF_FAST_PPO_LAUNCH picks fused or pdl, pdl
+    needs sm_90+, and a bad value is an error."""
     from rlhf_fast.kernels import ppo as ppo_kernels
 
     cuda0 = torch.device("cuda", 0)
@@ -693,7 +694,12 @@ def test_launch_schedule_switch(monkeypatch):
             assert ppo_kernels.launch_schedule(cuda0) == "split"  # decided before asking the device
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(ppo_kernels, "_device_capability", lambda index: (8, 0))
-    assert ppo_kernels.launch_schedule(cuda0) == "fused"
+    assert ppo_kernels.launch_schedule(cuda0) == "split"
+    for auto in ("", "auto"):
+        with ppo_kernels.launch_mode(auto):
+            assert ppo_kernels.launch_schedule(cuda0) == "split"
+    with ppo_kernels.launch_mode("fused"):
+        assert ppo_kernels.launch_schedule(cuda0) == "fused"
     with ppo_kernels.launch_mode("pdl"):
         assert ppo_kernels.launch_schedule(cuda0) == "split"  # no griddepcontrol before sm_90
         monkeypatch.setattr(ppo_kernels, "_device_capability", lambda index: (9, 0))
@@ -706,7 +712,8 @@ def test_launch_schedule_switch(monkeypatch):
     assert ppo_kernels.launch_schedule(cuda0) == "split"
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(ppo_kernels, "_NO_FUSED", {0})  # the driver refused a cooperative launch
-    assert ppo_kernels.launch_schedule(cuda0) == "split"
+    with ppo_kernels.launch_mode("fused"):
+        assert ppo_kernels.launch_schedule(cuda0) == "split"
     # The fused launch counts the mask with its own warps: the row counts (so the row scales and
     # the gradient) are the split launches' bits only while those are the count pass's warps.
     assert ppo_kernels._FUSED_WARPS == ppo_kernels._COUNT_WARPS
@@ -972,9 +979,10 @@ def test_launch_schedules_agree_bitwise_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_launch_in_a_cuda_graph_gpu(monkeypatch):
-    """The default (fused, cooperative) forward and its backward captured in a CUDA graph and
-    replayed on new inputs give the eager results."""
+@pytest.mark.parametrize("schedule", ["auto", "fused"])
+def test_launch_schedule_in_a_cuda_graph_gpu(schedule, monkeypatch):
+    """The default (split) and the fused (cooperative) forward, with the backward, captured in a
+    CUDA graph and replayed on new inputs give the eager results of the same schedule."""
     logp, old, adv, mask = _policy_case(256, 3000, seed=41)
     x = logp.detach().clone().requires_grad_()
     static = [x, old.clone(), adv.clone(), mask.clone()]
@@ -987,6 +995,7 @@ def test_fused_launch_in_a_cuda_graph_gpu(monkeypatch):
 
     from rlhf_fast.kernels import ppo as ppo_kernels
 
+    monkeypatch.setenv(ppo_kernels.LAUNCH_ENV, schedule)
     launched = []  # (capturing, fused launch accepted)
     launch_fused = ppo_kernels._launch_fused
 
@@ -1016,15 +1025,22 @@ def test_fused_launch_in_a_cuda_graph_gpu(monkeypatch):
         )
         assert torch.equal(loss, e_loss) and torch.equal(clipfrac, e_stats["clipfrac"])
         assert torch.equal(x.grad, e_grad)
-    assert (True, True) in launched and all(ok for _, ok in launched), launched  # fused, in the capture too
+    if schedule == "fused":
+        assert (True, True) in launched and all(ok for _, ok in launched), launched  # in the capture too
+    else:
+        assert launched == []  # the default never tries the cooperative launch
     assert not ppo_kernels._NO_FUSED
 
 
 @pytest.mark.gpu
-def test_fused_launch_under_reduce_overhead_compile_gpu():
-    """torch.compile(mode="reduce-overhead"): cudagraph trees warm up ONCE, then capture, so the
-    capture sees a kernel whose programs-per-SM count was learned but never launched (it then
-    captures at 1 per SM). Each replay on new inputs equals the eager loss, stats and gradient."""
+def test_fused_launch_under_reduce_overhead_compile_gpu(monkeypatch):
+    """torch.compile(mode="reduce-overhead") with RLHF_FAST_PPO_LAUNCH=fused: cudagraph trees warm
+    up ONCE, then capture, so the capture sees a kernel whose programs-per-SM count was learned but
+    never launched (it then captures at 1 per SM). Each replay on new inputs equals the eager loss,
+    stats and gradient."""
+    from rlhf_fast.kernels import ppo as ppo_kernels
+
+    monkeypatch.setenv(ppo_kernels.LAUNCH_ENV, "fused")
     torch._dynamo.reset()
 
     def step(x, old, adv, mask):
@@ -1045,8 +1061,6 @@ def test_fused_launch_under_reduce_overhead_compile_gpu():
         _close(loss, e_loss)
         _close(clipfrac, e_stats["clipfrac"])
         _close(grad, e_grad)
-    from rlhf_fast.kernels import ppo as ppo_kernels
-
     assert not ppo_kernels._NO_FUSED
 
 
