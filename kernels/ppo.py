@@ -35,10 +35,11 @@ deterministic):
   fused (opt-in, RLHF_FAST_PPO_LAUNCH=fused): ONE cooperative launch of as many programs as fit
      on the GPU at once; between the phases every program waits for a flag that the last
      counting program sets once the row scales are stored (each program loads its first tile
-     and computes its terms before it waits). One launch (plus the memset of a small work buffer), no gap between the
-     phases, and the mask's second read right after its first (L2; the loss phase walks the
-     tiles in the opposite order to the count phase, so the rows counted last are read again
-     first). Its own tile (_FUSED_TILE): a looping program's registers set how many fit on an SM.
+     and computes its terms before it waits). One launch (plus the memset of a small work
+     buffer), no gap between the phases, and the mask's second read right after its first (L2;
+     the loss phase walks the tiles in the opposite order to the count phase, so the rows
+     counted last are read again first). Its own tile (_FUSED_TILE): a looping program's
+     registers set how many fit on an SM.
   pdl (opt-in, sm_90+): COUNT, then LOSS_PASS launched with programmatic dependent launch: it
      starts once every COUNT program has started, loads its inputs and computes the per-token
      terms, and waits (griddepcontrol.wait) only before it reads the row scales.
